@@ -1,0 +1,68 @@
+// The protomem._C extension: build information for Python, and every op schema, declared once.
+// Implementations register per device in csrc/cpu/*_cpu.cpp and csrc/cuda/*_cuda.cu.
+#include <Python.h>
+#include <pybind11/pybind11.h>
+#include <torch/library.h>
+#include <torch/version.h>
+
+#include <string>
+
+#ifdef WITH_CUDA
+#include <cuda_runtime_api.h>
+#endif
+
+#ifndef PROTOMEM_VERSION
+#define PROTOMEM_VERSION "unknown"
+#endif
+#ifndef PROTOMEM_CUDA_ARCH_LIST
+#define PROTOMEM_CUDA_ARCH_LIST ""
+#endif
+
+namespace py = pybind11;
+
+namespace {
+
+py::dict build_info() {
+  py::dict info;
+  info["version"] = PROTOMEM_VERSION;
+  info["torch_version"] = std::to_string(TORCH_VERSION_MAJOR) + "." +
+                          std::to_string(TORCH_VERSION_MINOR) + "." +
+                          std::to_string(TORCH_VERSION_PATCH);
+#ifdef WITH_CUDA
+  info["with_cuda"] = true;
+  info["cuda_version"] = std::to_string(CUDART_VERSION / 1000) + "." +
+                         std::to_string((CUDART_VERSION % 1000) / 10);
+  info["cuda_arch_list"] = PROTOMEM_CUDA_ARCH_LIST;
+#else
+  info["with_cuda"] = false;
+  info["cuda_version"] = py::none();
+  info["cuda_arch_list"] = py::none();
+#endif
+  return info;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "protomem compiled kernels; the ops live in torch.ops.protomem";
+  m.def("build_info", &build_info,
+        "dict: version, torch_version (built against), with_cuda, cuda_version, cuda_arch_list");
+}
+
+TORCH_LIBRARY(protomem, m) {
+  // x [B, D] float, labels [B] int64, weights [B] float? ->
+  //   classes [U] int64 sorted unique, protos [U, D] float32 (float64 for float64 x), inverse [B]
+  m.def("generate_prototypes(Tensor x, Tensor labels, Tensor? weights=None)"
+        " -> (Tensor classes, Tensor protos, Tensor inverse)");
+  // Updates the memory with the U classes of a step; returns each class's slot (or -1).
+  m.def("memory_update_(Tensor(a!) protos, Tensor(b!) slot_labels, Tensor(c!) stamps,"
+        " Tensor(d!) index_keys, Tensor(e!) index_vals, Tensor(f!) counters, Tensor classes,"
+        " Tensor new_protos, float momentum, str policy) -> Tensor");
+  // labels (any shape) int64 -> slots (same shape) int64, -1 where absent.
+  m.def("lookup(Tensor index_keys, Tensor index_vals, Tensor labels) -> Tensor");
+  // Rebuilds the index from slot_labels (after a load, or to clear tombstones).
+  m.def("rebuild_index_(Tensor(a!) index_keys, Tensor(b!) index_vals, Tensor slot_labels) -> ()");
+  // Writes keys [N, D] and labels [N] into the ring at its head, overwriting the oldest.
+  m.def("queue_enqueue_(Tensor(a!) queue, Tensor(b!) queue_labels, Tensor(c!) counters,"
+        " Tensor keys, Tensor labels) -> ()");
+}

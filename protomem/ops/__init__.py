@@ -1,0 +1,15 @@
+"""Python faces of the torch.ops.protomem ops: fake (meta) kernels for torch.compile, autograd
+registrations, and documented wrappers."""
+from .generate_prototypes import generate_prototypes
+from .lookup import lookup, rebuild_index_
+from .memory_update import index_capacity, memory_update_
+from .queue_enqueue import queue_enqueue_
+
+__all__ = [
+    "generate_prototypes",
+    "index_capacity",
+    "lookup",
+    "memory_update_",
+    "queue_enqueue_",
+    "rebuild_index_",
+]

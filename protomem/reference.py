@@ -1,0 +1,102 @@
+"""Plain-PyTorch ground truth for every protomem op. Tests and benchmarks compare the kernels to
+these. They favour clarity over speed and may synchronise with the host; the memory reference
+finds classes by searching ``slot_labels`` and never uses the hash index."""
+import torch
+import torch.nn.functional as F
+
+_EPS = 1e-12
+
+# counters layout of a PrototypeMemory (csrc/memory_layout.h)
+HEAD, STEP, HITS, MISSES, EVICTIONS, REJECTED, TOMBSTONES, REBUILDS = range(8)
+# counters layout of a ClassQueue
+Q_HEAD, Q_TOTAL, Q_REJECTED = range(3)
+
+
+def generate_prototypes_ref(x, labels, weights=None):
+    """Reference of ``generate_prototypes``: x [B, D], labels [B] int64, weights [B]? ->
+    (classes [U] sorted unique, protos [U, D] float32 (float64 for float64 x), inverse [B]).
+    Differentiable in x through autograd."""
+    dt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    classes, inverse = torch.unique(labels, sorted=True, return_inverse=True)
+    n = F.normalize(x.to(dt), dim=1, eps=_EPS)
+    w = torch.ones(x.shape[0], dtype=dt, device=x.device) if weights is None else weights.to(dt)
+    wsum = torch.zeros(len(classes), dtype=dt, device=x.device).index_add(0, inverse, w)
+    s = torch.zeros(len(classes), x.shape[1], dtype=dt, device=x.device)
+    s = s.index_add(0, inverse, w[:, None] * n) / wsum[:, None]
+    return classes, F.normalize(s, dim=1, eps=_EPS), inverse
+
+
+def lookup_ref(slot_labels, labels):
+    """Reference of ``lookup`` from the slot labels alone: labels (any shape) int64 -> slot of each
+    label, -1 where absent or negative."""
+    filled = torch.nonzero(slot_labels >= 0).squeeze(1)
+    sorted_labels, order = slot_labels[filled].sort()
+    flat = labels.reshape(-1)
+    if len(sorted_labels) == 0:
+        return torch.full_like(labels, -1)
+    i = torch.searchsorted(sorted_labels, flat).clamp_max(len(sorted_labels) - 1)
+    found = (sorted_labels[i] == flat) & (flat >= 0)
+    return torch.where(found, filled[order[i]], -1).reshape(labels.shape)
+
+
+def memory_update_ref(protos, slot_labels, stamps, counters, classes, new_protos, momentum=0.0,
+                      policy="lru"):
+    """Reference of ``memory_update_`` (same arguments less the index); updates protos [M, D],
+    slot_labels [M], stamps [M] and counters (head, step, hits, misses, evictions, rejected) in
+    place and returns the [U] int64 slot of each class."""
+    M = protos.shape[0]
+    U = classes.shape[0]
+    head, step = int(counters[HEAD]), int(counters[STEP])
+    p = new_protos.float()
+    old = lookup_ref(slot_labels, classes)
+    valid = (classes >= 0) & torch.isfinite(p).all(dim=1)
+    hit = valid & (old >= 0)
+    a = torch.where(hit, momentum, 0.0)[:, None]
+    prev = protos[old.clamp_min(0)].float()
+    fresh = F.normalize(a * prev + (1 - a) * p, dim=1, eps=_EPS)
+
+    slot = torch.full((U,), -1, dtype=torch.long, device=classes.device)
+    held = torch.zeros(U, dtype=torch.bool, device=classes.device)
+    if policy == "lru":
+        placed = valid
+        slot_labels[old[hit]] = -1
+    else:
+        placed = valid & ~hit
+        slot[hit] = old[hit]
+        r = (old[hit] - head) % M
+        held[r[r < U]] = True
+    n_placed = int(placed.sum())
+    window = torch.nonzero(~held).squeeze(1)[:n_placed]
+    new_slots = (head + window) % M
+    slot[placed] = new_slots
+    evictions = int((slot_labels[new_slots] >= 0).sum())
+
+    protos[slot[valid]] = fresh[valid].to(protos.dtype)
+    slot_labels[slot[valid]] = classes[valid]
+    stamps[slot[valid]] = step
+    if n_placed:
+        counters[HEAD] = (head + int(window[-1]) + 1) % M
+    counters[STEP] = step + 1
+    counters[HITS] += int(hit.sum())
+    counters[MISSES] += int((valid & ~hit).sum())
+    counters[EVICTIONS] += evictions
+    counters[REJECTED] += int((~valid).sum())
+    kept = (old >= 0) & (slot_labels[old.clamp_min(0)] == classes)
+    return torch.where(valid, slot, torch.where(kept, old, -1))
+
+
+def queue_enqueue_ref(queue, queue_labels, counters, keys, labels):
+    """Reference of ``queue_enqueue_``: queue [K, D], queue_labels [K], counters [3] updated in
+    place with keys [N, D], labels [N]."""
+    K = queue.shape[0]
+    N = keys.shape[0]
+    head = int(counters[Q_HEAD])
+    ok = (labels >= 0) & torch.isfinite(keys.float()).all(dim=1)
+    first = max(0, N - K)
+    pos = (head + torch.arange(first, N, device=queue.device)) % K
+    keep = ok[first:]
+    queue_labels[pos] = torch.where(keep, labels[first:], -1)
+    queue[pos[keep]] = keys[first:][keep].float().to(queue.dtype)
+    counters[Q_HEAD] = (head + N) % K
+    counters[Q_TOTAL] += N
+    counters[Q_REJECTED] += int((~ok).sum())
