@@ -52,10 +52,15 @@ demo: $(BUILT)
 bench: $(BUILT)
 	$(PY) benchmarks/bench_memory_update.py --out benchmarks/results
 
-# The CMake build of the same sources (CPU-only), with compile_commands.json.
+# The CMake build of the same sources (CPU-only), with compile_commands.json. A CUDA build of
+# torch makes find_package(Torch) look for the toolkit even then: point it at CUDA_HOME, skip its
+# GPU probe with an explicit arch list, and lend it nvrtc from the pip CUDA wheels when the
+# toolkit has none.
+NVRTC := $(firstword $(wildcard $(CUDA_HOME)/lib64/libnvrtc.so $(VENV)/lib/python3*/site-packages/nvidia/cu*/lib/libnvrtc.so.*))
 cmake-check: $(VENV)/.deps
-	cmake -S . -B build/cmake -G Ninja -DWITH_CUDA=OFF \
-	  -DPython_EXECUTABLE=$(abspath $(PY)) \
+	TORCH_CUDA_ARCH_LIST="$${TORCH_CUDA_ARCH_LIST:-9.0}" cmake -S . -B build/cmake -G Ninja -DWITH_CUDA=OFF \
+	  -DPython_EXECUTABLE=$(abspath $(PY)) -DCUDA_TOOLKIT_ROOT_DIR=$(CUDA_HOME) \
+	  $(if $(NVRTC),-DCUDA_nvrtc_LIBRARY=$(abspath $(NVRTC))) \
 	  -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch.utils; print(torch.utils.cmake_prefix_path)')"
 	cmake --build build/cmake -j $${MAX_JOBS:-2}
 	$(PY) -c "import glob, importlib.util as u; p = glob.glob('build/cmake/_C*.so')[0]; \
