@@ -50,6 +50,19 @@ PM_HOST_DEVICE int64_t probe_start(int64_t key, int64_t mask) {
   return static_cast<int64_t>(mix64(static_cast<uint64_t>(key)) & static_cast<uint64_t>(mask));
 }
 
+// Table position of `key` in an index of `capacity` (a power of two) entries, or -1. Linear
+// probing from the key's hash; bounded by the capacity so a corrupted table cannot hang.
+PM_HOST_DEVICE int64_t index_find(const int64_t* keys, int64_t capacity, int64_t key) {
+  const int64_t mask = capacity - 1;
+  int64_t p = probe_start(key, mask);
+  for (int64_t n = 0; n < capacity; ++n, p = (p + 1) & mask) {
+    const int64_t k = keys[p];
+    if (k == key) return p;
+    if (k == kEmptyKey) return -1;
+  }
+  return -1;
+}
+
 // The index is rebuilt once tombstones exceed a quarter of the table. Live keys never exceed
 // M <= capacity / 2, so live + tombstones stays below 3/4 and every probe meets an empty key.
 PM_HOST_DEVICE bool needs_rebuild(int64_t tombstones, int64_t capacity) {

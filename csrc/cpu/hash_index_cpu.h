@@ -13,17 +13,7 @@ struct HashIndexCPU {
   int64_t* vals;
   int64_t capacity;  // a power of two
 
-  // Table position of `key`, or -1. Bounded by the capacity so a corrupted table cannot hang.
-  int64_t find(int64_t key) const {
-    const int64_t mask = capacity - 1;
-    int64_t p = probe_start(key, mask);
-    for (int64_t n = 0; n < capacity; ++n, p = (p + 1) & mask) {
-      const int64_t k = keys[p];
-      if (k == key) return p;
-      if (k == kEmptyKey) return -1;
-    }
-    return -1;
-  }
+  int64_t find(int64_t key) const { return index_find(keys, capacity, key); }
 
   // Inserts a key that is not present; returns true when it reused a tombstone.
   bool insert(int64_t key, int64_t val) {

@@ -9,17 +9,6 @@
 
 namespace protomem {
 
-__device__ __forceinline__ int64_t index_find(const int64_t* keys, int64_t capacity, int64_t key) {
-  const int64_t mask = capacity - 1;
-  int64_t p = probe_start(key, mask);
-  for (int64_t n = 0; n < capacity; ++n, p = (p + 1) & mask) {
-    const int64_t k = keys[p];
-    if (k == key) return p;
-    if (k == kEmptyKey) return -1;
-  }
-  return -1;
-}
-
 // Inserts a key that is not present; returns true when it reused a tombstone.
 __device__ __forceinline__ bool index_insert(int64_t* keys, int64_t* vals, int64_t capacity,
                                              int64_t key, int64_t val) {
