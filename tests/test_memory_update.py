@@ -168,3 +168,24 @@ def test_rebuild_index_restores_lookups(device):
     assert (mem.lookup(query) == -1).all()
     protomem.rebuild_index_(mem.index_keys, mem.index_vals, mem.slot_labels)
     assert torch.equal(mem.lookup(query), want)
+
+
+def test_torch_compile_fullgraph_generate_and_update(device):
+    """The whole memory step (data-dependent U included) compiles as one graph."""
+    mems = [new_memory(16, 8, device) for _ in range(2)]
+
+    def step(m, x, labels):
+        classes, protos, inverse = protomem.generate_prototypes(x, labels)
+        slots = protomem.memory_update_(m.protos, m.slot_labels, m.stamps, m.index_keys,
+                                        m.index_vals, m.counters, classes, protos.detach(), 0.0, "lru")
+        return protos, slots[inverse]
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(3):
+        x = torch.randn(10, 8, generator=gen).to(device)
+        labels = torch.randint(0, 12, (10,), generator=gen).to(device)
+        (p1, s1), (p2, s2) = compiled(mems[0], x, labels), step(mems[1], x, labels)
+        torch.testing.assert_close(p1, p2)
+        assert torch.equal(s1, s2)
+    assert torch.equal(mems[0].slot_labels, mems[1].slot_labels)
