@@ -1,6 +1,8 @@
 """Loads the compiled extension, or explains exactly how to build it."""
 import importlib
 
+import torch  # noqa: F401  (loads libtorch, which protomem._C links against)
+
 BUILD_COMMAND = "pip install --no-build-isolation -e ."
 
 
