@@ -112,3 +112,19 @@ def test_opcheck():
     args = (x.requires_grad_(), W.requires_grad_(), row, col, pos, 16.0, 1.0, 0.3, 0.0, True, True)
     torch.library.opcheck(torch.ops.protomem.margin_ce_fwd.default, args,
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+def test_torch_compile_fullgraph_cpp():
+    """The C++ op under torch.compile (on a GPU the Triton op is compile-tested instead)."""
+    x, W, row, col, _ = data(9, 50, 8, torch.float32)
+
+    def f(x, W):
+        return margin_cross_entropy(x, W, row, col, scale=16.0, m2=0.3, check_targets=False, backend="cpp")
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    x1, W1 = x.clone().requires_grad_(), W.clone().requires_grad_()
+    x2, W2 = x.clone().requires_grad_(), W.clone().requires_grad_()
+    compiled(x1, W1).backward()
+    f(x2, W2).backward()
+    torch.testing.assert_close(x1.grad, x2.grad)
+    torch.testing.assert_close(W1.grad, W2.grad)

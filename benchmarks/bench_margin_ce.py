@@ -1,0 +1,157 @@
+"""Fused margin cross-entropy vs the materialising reference: forward + backward time and peak
+memory beyond the inputs.
+
+Providers: "eager" (protomem.reference, B x M logits), "compiled" (torch.compile of it; opt-in
+with --compiled on CPU, where compiling takes minutes), "fused" (the compiled kernel). Each
+provider runs in its own process; on CPU the peak is the growth of the peak resident set size
+over the state after the inputs were made, on CUDA torch.cuda.max_memory_allocated. Each is
+checked against the reference first. CPU target: fused <= 1.2x the eager time with <= 1/10 of
+its peak memory at B = 256, M = 2e5, D = 128.
+
+    python benchmarks/bench_margin_ce.py [--device cpu] [--B 256] [--M 2e5] [--D 128] [--out DIR]
+"""
+import argparse
+import csv
+import datetime
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+
+import torch
+
+PROVIDERS = ("eager", "compiled", "fused")
+
+
+def inputs(B, M, D, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, D, generator=g).to(device=device, dtype=dtype).requires_grad_()
+    W = torch.randn(M, D, generator=g).to(device=device, dtype=dtype).requires_grad_()
+    col = torch.arange(M, device=device)
+    row = torch.randint(M, (B,), generator=g).to(device)
+    return x, W, row, col
+
+
+def loss_fn(provider):
+    from protomem.functional import margin_cross_entropy
+    from protomem.reference import margin_cross_entropy_ref
+
+    if provider == "fused":
+        return lambda x, W, row, col: margin_cross_entropy(x, W, row, col, scale=64.0, m3=0.4)
+    ref = lambda x, W, row, col: margin_cross_entropy_ref(x, W, row, col, scale=64.0, m3=0.4)[0]  # noqa: E731
+    return torch.compile(ref) if provider == "compiled" else ref
+
+
+def check(fn, x, W, row, col, provider):
+    from protomem.reference import margin_cross_entropy_ref
+
+    want = margin_cross_entropy_ref(x.detach(), W.detach(), row, col, scale=64.0, m3=0.4)[0]
+    got = fn(x, W, row, col)
+    if not torch.allclose(got.detach(), want, rtol=1e-4, atol=1e-4):
+        raise SystemExit(f"{provider}: loss {float(got)} != reference {float(want)}")
+
+
+def peak_rss_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def measure(provider, B, M, D, device, grad_w, min_run_time):
+    """In this process: check, then time forward + backward and measure the peak memory."""
+    import protomem  # noqa: F401
+    import torch.utils.benchmark as tbench
+
+    x, W, row, col = inputs(B, M, D, torch.float32, device)
+    W.requires_grad_(grad_w)
+    fn = loss_fn(provider)
+
+    def step():
+        x.grad = W.grad = None
+        fn(x, W, row, col).backward()
+
+    if device == "cuda":
+        import triton.testing
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+        check(fn, x, W, row, col, provider)
+        ms = triton.testing.do_bench(step, quantiles=[0.5, 0.2, 0.8], return_mode="median")
+        times = [t / 1e3 for t in ms]
+    else:
+        base = peak_rss_mb()
+        step()
+        peak = peak_rss_mb() - base
+        check(fn, x, W, row, col, provider)  # after the memory reading: the reference is eager
+        m = tbench.Timer("step()", globals={"step": step}).blocked_autorange(min_run_time=min_run_time)
+        ts = sorted(m.times)
+        times = [m.median, ts[int(0.2 * (len(ts) - 1))], ts[int(0.8 * (len(ts) - 1))]]
+    return {"time_s": times, "peak_mb": peak}
+
+
+def device_name(device):
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--B", type=int, default=256)
+    p.add_argument("--M", type=float, default=2e5)
+    p.add_argument("--D", type=int, default=128)
+    p.add_argument("--grad-w", action="store_true", help="also the gradient of W (full softmax)")
+    p.add_argument("--compiled", action="store_true", help="include torch.compile of the reference")
+    p.add_argument("--min-run-time", type=float, default=1.0)
+    p.add_argument("--out", help="folder for the CSV")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    M = int(a.M)
+    if a.worker:  # one provider, in a fresh process
+        print(json.dumps(measure(a.worker, a.B, M, a.D, a.device, a.grad_w, a.min_run_time)))
+        return
+    providers = [q for q in PROVIDERS if q != "compiled" or a.compiled or a.device == "cuda"]
+    name = device_name(a.device)
+    print(f"margin_cross_entropy fwd+bwd, CosFace(64, 0.4), B={a.B} M={M} D={a.D} fp32, "
+          f"grad W: {a.grad_w}, on {name}")
+    results = {}
+    for provider in providers:
+        cmd = [sys.executable, __file__, "--worker", provider, "--device", a.device, "--B", str(a.B),
+               "--M", str(M), "--D", str(a.D), "--min-run-time", str(a.min_run_time)] + (["--grad-w"] if a.grad_w else [])
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode:
+            print(f"{provider:>9}: failed\n{out.stderr[-2000:]}")
+            continue
+        results[provider] = json.loads(out.stdout.strip().splitlines()[-1])
+        r = results[provider]
+        print(f"{provider:>9}: {r['time_s'][0] * 1e3:9.2f} ms   peak {r['peak_mb']:9.1f} MB")
+    if "eager" in results and "fused" in results:
+        e, f = results["eager"], results["fused"]
+        print(f"fused / eager: time {f['time_s'][0] / e['time_s'][0]:.2f}x, "
+              f"peak memory {f['peak_mb'] / max(e['peak_mb'], 1e-9):.3f}x")
+    if a.out:
+        os.makedirs(a.out, exist_ok=True)
+        path = os.path.join(a.out, f"margin_ce_{a.device}.csv")
+        import protomem
+        rows = []
+        for provider, r in results.items():
+            common = dict(bench="margin_ce", provider=provider,
+                          params=f"B={a.B};M={M};D={a.D};dtype=float32;grad_w={a.grad_w}",
+                          device=name, torch=torch.__version__, protomem=protomem.__version__,
+                          date=datetime.date.today().isoformat())
+            t = r["time_s"]
+            rows.append(dict(common, metric="time_fwd_bwd", unit="ms", median=t[0] * 1e3, p20=t[1] * 1e3, p80=t[2] * 1e3))
+            rows.append(dict(common, metric="peak_memory", unit="MB", median=r["peak_mb"], p20=r["peak_mb"], p80=r["peak_mb"]))
+        with open(path, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
