@@ -5,7 +5,7 @@ from ._version import __version__
 
 _C = load_extension()
 
-from . import ops, reference  # noqa: E402
+from . import functional, margins, ops, reference  # noqa: E402
 from .memory import ClassQueue, PrototypeMemory  # noqa: E402
 from .ops import (  # noqa: E402
     generate_prototypes,
@@ -36,6 +36,8 @@ __all__ = [
     "memory_update_",
     "queue_enqueue_",
     "rebuild_index_",
+    "functional",
+    "margins",
     "ops",
     "reference",
 ]
