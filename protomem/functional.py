@@ -5,7 +5,7 @@ from .margins import CombinedMargin
 from .ops.margin_ce import margin_ce_fwd
 
 _REDUCTIONS = ("mean", "sum", "none")
-_BACKENDS = ("auto", "cpp", "reference")
+_BACKENDS = ("auto", "fused", "reference")
 
 
 def margin_cross_entropy(x, W, row_labels, col_labels, pos_cos=None, *, scale, m1=1.0, m2=0.0,
@@ -33,8 +33,9 @@ def margin_cross_entropy(x, W, row_labels, col_labels, pos_cos=None, *, scale, m
             With False such a row's loss is +inf (its gradient NaN): skip the check only when
             every row is known to have a target.
         return_stats: also return the per-row log-sum-exp [B] and top-1 correctness [B] bool.
-        backend: "auto" (the compiled CPU kernel; the Triton kernel for CUDA is not written
-            yet, so CUDA tensors use the reference for now), "cpp", or "reference".
+        backend: "auto" (the fused op: the C++ kernel on CPU, the Triton kernel on CUDA, which
+            supports m1 = 1 only; other margins on CUDA use the reference), "fused" (the
+            fused op whatever the margin), or "reference" (materialises the logits).
 
     Returns:
         loss (float32; float64 for float64 inputs), or (loss, lse, correct) with return_stats.
@@ -44,7 +45,7 @@ def margin_cross_entropy(x, W, row_labels, col_labels, pos_cos=None, *, scale, m
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
     margin = CombinedMargin(scale, m1, m2, m3)  # validates the parameters
-    if backend == "reference" or (backend == "auto" and x.device.type != "cpu"):
+    if backend == "reference" or (backend == "auto" and x.device.type != "cpu" and margin.m1 != 1.0):
         from .reference import margin_cross_entropy_ref
 
         loss, lse, correct = margin_cross_entropy_ref(

@@ -4,7 +4,11 @@ import os
 import pytest
 import torch
 
-import protomem
+if not torch.cuda.is_available():
+    # Triton kernels run on the CPU interpreter; set before anything imports triton kernels.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import protomem  # noqa: E402
 
 WITH_CUDA_BUILD = protomem.build_info()["with_cuda"]
 HAS_CUDA = WITH_CUDA_BUILD and torch.cuda.is_available()

@@ -35,7 +35,7 @@ def test_loss_and_gradients_match_reference(margin, with_pos, reduction, B, M, D
     ref_leaves = [t.detach().clone().requires_grad_() for t in leaves]
     loss, lse, correct = margin_cross_entropy(
         leaves[0], leaves[1], row, col, leaves[2] if with_pos else None, **margin.params(),
-        reduction=reduction, return_stats=True, backend="cpp")
+        reduction=reduction, return_stats=True, backend="fused")
     rloss, rlse, rcorrect = margin_cross_entropy_ref(
         ref_leaves[0], ref_leaves[1], row, col, ref_leaves[2] if with_pos else None,
         **margin.params(), reduction=reduction)
@@ -58,7 +58,7 @@ def test_gradcheck_float64(with_pos, margin):
 
     def f(x, W, *p):
         return margin_cross_entropy(x, W, row, col, p[0] if p else None, **margin.params(),
-                                    reduction="none", backend="cpp")
+                                    reduction="none", backend="fused")
 
     assert torch.autograd.gradcheck(f, inputs)
 
@@ -68,7 +68,7 @@ def test_low_precision_error_at_most_twice_plain_pytorch(dtype):
     margin = CosFace(64, 0.4)
     x, W, row, col, _ = data(37, 1001, 129, dtype)
     exact = margin_cross_entropy_ref(x.float(), W.float(), row, col, **margin.params(), reduction="none")[0]
-    fused = margin_cross_entropy(x, W, row, col, **margin.params(), reduction="none", backend="cpp")
+    fused = margin_cross_entropy(x, W, row, col, **margin.params(), reduction="none", backend="fused")
     # a plain PyTorch run in the low-precision dtype: normalise, matmul and margin in that dtype
     cos = F.normalize(x, dim=1) @ F.normalize(W, dim=1).T
     target = (row[:, None] == col[None, :])
@@ -84,8 +84,8 @@ def test_rows_without_target():
     row = row.clone()
     row[2] = 10**12
     with pytest.raises(ValueError, match="no target"):
-        margin_cross_entropy(x, W, row, col, scale=10.0, backend="cpp")
-    loss = margin_cross_entropy(x, W, row, col, scale=10.0, backend="cpp", check_targets=False, reduction="none")
+        margin_cross_entropy(x, W, row, col, scale=10.0, backend="fused")
+    loss = margin_cross_entropy(x, W, row, col, scale=10.0, backend="fused", check_targets=False, reduction="none")
     assert torch.isinf(loss[2]) and torch.isfinite(loss[[0, 1, 3, 4, 5]]).all()
 
 
@@ -104,7 +104,7 @@ def test_bad_input(change, error, match):
     args = dict(x=x, W=W, row=row, col=col, pos=None) | change
     with pytest.raises(error, match=match):
         margin_cross_entropy(args["x"], args["W"], args["row"], args["col"], args["pos"], scale=10.0,
-                             backend="cpp")
+                             backend="fused")
 
 
 def test_opcheck():
@@ -119,7 +119,7 @@ def test_torch_compile_fullgraph_cpp():
     x, W, row, col, _ = data(9, 50, 8, torch.float32)
 
     def f(x, W):
-        return margin_cross_entropy(x, W, row, col, scale=16.0, m2=0.3, check_targets=False, backend="cpp")
+        return margin_cross_entropy(x, W, row, col, scale=16.0, m2=0.3, check_targets=False, backend="fused")
 
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
     x1, W1 = x.clone().requires_grad_(), W.clone().requires_grad_()

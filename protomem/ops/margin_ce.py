@@ -62,3 +62,24 @@ def _backward(ctx, grad_lse, grad_target, _grad_correct):
 
 
 torch.library.register_autograd("protomem::margin_ce_fwd", _backward, setup_context=_setup_context)
+
+
+# CUDA: the Triton kernels implement the same two ops (imported lazily, so `import protomem` never
+# imports triton and tests can choose TRITON_INTERPRET first).
+@torch.library.impl("protomem::margin_ce_fwd", "CUDA")
+def _fwd_cuda(x, W, row_labels, col_labels, pos_cos, scale, m1, m2, m3, normalize_x, normalize_w):
+    from ..triton.margin_ce import margin_ce_fwd_triton
+
+    lse, target, correct = margin_ce_fwd_triton(x, W, row_labels, col_labels, pos_cos, scale, m1,
+                                                m2, m3, normalize_x, normalize_w)
+    dt = _stat_dtype(x, W)
+    return lse.to(dt), target.to(dt), correct
+
+
+@torch.library.impl("protomem::margin_ce_bwd", "CUDA")
+def _bwd_cuda(grad_lse, grad_target, x, W, row_labels, col_labels, pos_cos, lse, target, scale,
+              m1, m2, m3, normalize_x, normalize_w, need_grad_w):
+    from ..triton.margin_ce import margin_ce_bwd_triton
+
+    return margin_ce_bwd_triton(grad_lse, grad_target, x, W, row_labels, col_labels, pos_cos, lse,
+                                target, scale, m1, m2, m3, normalize_x, normalize_w, need_grad_w)
