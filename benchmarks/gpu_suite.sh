@@ -3,7 +3,7 @@
 # with CUDA kernels, run the whole test suite on CUDA, the memory kernels under compute-sanitizer
 # (memcheck, racecheck), and the benchmarks; write logs and CSVs to the given folder.
 #   bash benchmarks/gpu_suite.sh OUT_DIR
-# (So far this covers the memory kernels; later issues add their benchmarks here.)
+# (So far: the memory kernels and the margin cross-entropy; later issues add their benchmarks.)
 set -uo pipefail
 out=${1:?usage: gpu_suite.sh OUT_DIR}
 mkdir -p "$out"
@@ -28,4 +28,8 @@ else
   echo "compute-sanitizer not found: skipped"
 fi
 run bench_memory_update python benchmarks/bench_memory_update.py --device cuda --out "$out"
+run bench_margin_ce_bf16 python benchmarks/bench_margin_ce.py --device cuda --dtype bfloat16 \
+  --B 512 --M 1e6 --D 512 --out "$out"
+run bench_margin_ce_bf16_gradw python benchmarks/bench_margin_ce.py --device cuda --dtype bfloat16 \
+  --B 512 --M 1e5 --D 512 --grad-w --out "$out"
 exit $status
