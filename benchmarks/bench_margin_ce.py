@@ -2,7 +2,9 @@
 memory beyond the inputs.
 
 Providers: "eager" (protomem.reference, B x M logits), "compiled" (torch.compile of it; opt-in
-with --compiled on CPU, where compiling takes minutes), "fused" (the compiled kernel). Each
+with --compiled on CPU, where compiling takes minutes), "fused" (protomem's kernel), and on CUDA
+"cce", cut-cross-entropy's linear_cross_entropy (plain CE, no normalisation or margin) as a speed
+anchor when it is installed. Each
 provider runs in its own process; on CPU the peak is the growth of the peak resident set size
 over the state after the inputs were made, on CUDA torch.cuda.max_memory_allocated. Each is
 checked against the reference first. CPU target: fused <= 1.2x the eager time with <= 1/10 of
@@ -13,6 +15,7 @@ its peak memory at B = 256, M = 2e5, D = 128.
 import argparse
 import csv
 import datetime
+import importlib.util
 import json
 import os
 import platform
@@ -22,7 +25,7 @@ import sys
 
 import torch
 
-PROVIDERS = ("eager", "compiled", "fused")
+PROVIDERS = ("eager", "compiled", "fused", "cce")
 
 
 def inputs(B, M, D, dtype, device, seed=0):
@@ -38,6 +41,10 @@ def loss_fn(provider):
     from protomem.functional import margin_cross_entropy
     from protomem.reference import margin_cross_entropy_ref
 
+    if provider == "cce":  # speed anchor only: plain CE, no normalisation or margin
+        from cut_cross_entropy import linear_cross_entropy
+
+        return lambda x, W, row, col: linear_cross_entropy(x, W, row)
     if provider == "fused":
         return lambda x, W, row, col: margin_cross_entropy(x, W, row, col, scale=64.0, m3=0.4)
     ref = lambda x, W, row, col: margin_cross_entropy_ref(x, W, row, col, scale=64.0, m3=0.4)[0]  # noqa: E731
@@ -79,7 +86,8 @@ def measure(provider, B, M, D, device, grad_w, min_run_time, dtype=torch.float32
         step()
         torch.cuda.synchronize()
         peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-        check(fn, x, W, row, col, provider)
+        if provider != "cce":  # cce computes another loss: nothing to check it against
+            check(fn, x, W, row, col, provider)
         ms = triton.testing.do_bench(step, quantiles=[0.5, 0.2, 0.8], return_mode="median")
         times = [t / 1e3 for t in ms]
     else:
@@ -117,7 +125,8 @@ def main():
         print(json.dumps(measure(a.worker, a.B, M, a.D, a.device, a.grad_w, a.min_run_time,
                                  getattr(torch, a.dtype))))
         return
-    providers = [q for q in PROVIDERS if q != "compiled" or a.compiled or a.device == "cuda"]
+    providers = [q for q in PROVIDERS if (q != "compiled" or a.compiled or a.device == "cuda")
+                 and (q != "cce" or (a.device == "cuda" and importlib.util.find_spec("cut_cross_entropy")))]
     name = device_name(a.device)
     print(f"margin_cross_entropy fwd+bwd, CosFace(64, 0.4), B={a.B} M={M} D={a.D} {a.dtype}, "
           f"grad W: {a.grad_w}, on {name}")
