@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..margins import CombinedMargin
+
 # Candidate tile shapes for autotuning on a GPU (issue 7); the interpreter uses the first.
 CONFIGS = [
     dict(BLOCK_B=64, BLOCK_M=64, BLOCK_D=64),
@@ -104,6 +106,15 @@ def _dcos_tile(cos, row_lab, col_lab, cols, M, lse, tgt, a, b, s, cos_m, sin_m, 
 
 
 @triton.jit
+def _row_stats(rlab_ptr, lse_ptr, tgt_ptr, a_ptr, b_ptr, rows, B):
+    """A row block's label, log-sum-exp, target LSE and the incoming gradients of both."""
+    m = rows < B
+    return (tl.load(rlab_ptr + rows, mask=m, other=-1), tl.load(lse_ptr + rows, mask=m, other=0.0),
+            tl.load(tgt_ptr + rows, mask=m, other=0.0), tl.load(a_ptr + rows, mask=m, other=0.0),
+            tl.load(b_ptr + rows, mask=m, other=0.0))
+
+
+@triton.jit
 def _bwd_x_kernel(xh_ptr, w_ptr, winv_ptr, rlab_ptr, clab_ptr, lse_ptr, tgt_ptr, a_ptr, b_ptr,
                   g_ptr, B, M, D, stride_x, stride_w, s, cos_m, sin_m, sinmm, m3,
                   WITH_POS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -111,11 +122,7 @@ def _bwd_x_kernel(xh_ptr, w_ptr, winv_ptr, rlab_ptr, clab_ptr, lse_ptr, tgt_ptr,
     """G[rows, d-block] = sum_j dcos[rows, j] * W[j, d-block] / |W_j|; grid (row blocks, d blocks)."""
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     dd = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    row_lab = tl.load(rlab_ptr + rows, mask=rows < B, other=-1)
-    lse = tl.load(lse_ptr + rows, mask=rows < B, other=0.0)
-    tgt = tl.load(tgt_ptr + rows, mask=rows < B, other=0.0)
-    a = tl.load(a_ptr + rows, mask=rows < B, other=0.0)
-    b = tl.load(b_ptr + rows, mask=rows < B, other=0.0)
+    row_lab, lse, tgt, a, b = _row_stats(rlab_ptr, lse_ptr, tgt_ptr, a_ptr, b_ptr, rows, B)
     G = tl.zeros((BLOCK_B, BLOCK_D), tl.float32)
     for j0 in range(0, M, BLOCK_M):
         cols = j0 + tl.arange(0, BLOCK_M)
@@ -142,11 +149,7 @@ def _bwd_w_kernel(xh_ptr, w_ptr, winv_ptr, rlab_ptr, clab_ptr, lse_ptr, tgt_ptr,
     H = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     for i0 in range(0, B, BLOCK_B):
         rows = i0 + tl.arange(0, BLOCK_B)
-        row_lab = tl.load(rlab_ptr + rows, mask=rows < B, other=-1)
-        lse = tl.load(lse_ptr + rows, mask=rows < B, other=0.0)
-        tgt = tl.load(tgt_ptr + rows, mask=rows < B, other=0.0)
-        a = tl.load(a_ptr + rows, mask=rows < B, other=0.0)
-        b = tl.load(b_ptr + rows, mask=rows < B, other=0.0)
+        row_lab, lse, tgt, a, b = _row_stats(rlab_ptr, lse_ptr, tgt_ptr, a_ptr, b_ptr, rows, B)
         cos = _cos_tile(xh_ptr, w_ptr, winv_ptr, rows, cols, B, M, D, stride_x, stride_w,
                         BLOCK_B, BLOCK_M, BLOCK_D)
         dcos = _dcos_tile(cos, row_lab, col_lab, cols, M, lse, tgt, a, b, s, cos_m, sin_m, sinmm, m3, WITH_POS)
@@ -182,8 +185,7 @@ def margin_ce_fwd_triton(x, W, row_labels, col_labels, pos_cos, scale, m1, m2, m
                       WITH_POS=pos_cos is not None, **config)
     if pos_cos is not None:
         pos = pos_cos.float()
-        tgt = scale * (torch.where(pos > -math.cos(m2), pos * math.cos(m2) - torch.sqrt((1 - pos * pos).clamp_min(0)) * math.sin(m2),
-                                   pos - m2 * math.sin(m2)) - m3)
+        tgt = scale * CombinedMargin(scale, 1.0, m2, m3).target_cos(pos)
         lse = torch.logaddexp(lse, tgt)
         bt = pos
     return lse, tgt, bt >= bo
