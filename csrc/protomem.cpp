@@ -63,10 +63,11 @@ TORCH_LIBRARY(protomem, m) {
   // Rebuilds the index from slot_labels (after a load, or to clear tombstones).
   m.def("rebuild_index_(Tensor(a!) index_keys, Tensor(b!) index_vals, Tensor slot_labels) -> ()");
   // Fused normalised-logit + margin + softmax cross-entropy (per-row statistics only):
-  //   lse [B] (all logits), target [B] (target logit(s), -inf if none), correct [B] bool
+  //   lse [B] (all logits), target [B] (target logit(s), -inf if none), best_target [B] (the
+  //   best target cosine, or pos_cos), best_other [B] (the best non-target cosine); -inf if none
   m.def("margin_ce_fwd(Tensor x, Tensor W, Tensor row_labels, Tensor col_labels, Tensor? pos_cos,"
         " float scale, float m1, float m2, float m3, bool normalize_x, bool normalize_w)"
-        " -> (Tensor lse, Tensor target, Tensor correct)");
+        " -> (Tensor lse, Tensor target, Tensor best_target, Tensor best_other)");
   // Gradients of margin_ce_fwd's lse and target w.r.t. x, W (when need_grad_w) and pos_cos.
   m.def("margin_ce_bwd(Tensor grad_lse, Tensor grad_target, Tensor x, Tensor W, Tensor row_labels,"
         " Tensor col_labels, Tensor? pos_cos, Tensor lse, Tensor target, float scale, float m1,"

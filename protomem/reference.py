@@ -102,27 +102,25 @@ def queue_enqueue_ref(queue, queue_labels, counters, keys, labels):
     counters[Q_REJECTED] += int((~ok).sum())
 
 
-def margin_cross_entropy_ref(x, W, row_labels, col_labels, pos_cos=None, *, scale, m1=1.0, m2=0.0,
-                             m3=0.0, normalize_x=True, normalize_w=True, reduction="mean",
-                             ignore_index=-1):
-    """Materialising reference of the fused margin softmax cross-entropy.
+def margin_ce_stats_ref(x, W, row_labels, col_labels, pos_cos=None, *, scale, m1=1.0, m2=0.0,
+                        m3=0.0, normalize_x=True, normalize_w=True):
+    """Materialising reference of ``margin_ce_fwd``: the per-row statistics of the margin softmax.
 
     Logits ``s*cos(x_i, W_j)`` over the columns whose label is >= 0 (a negative column label is
     an empty memory slot or queue entry and never takes part). Without ``pos_cos`` the columns
     whose label equals the row's are its targets and get the margin ``cos(m1*theta+m2) - m3``
-    (insightface's fallback where m1*theta+m2 > pi); with several, the loss is
-    ``LSE(all) - LSE(targets)``. With ``pos_cos`` [B], every same-label column is masked out and
-    ``s*margin(pos_cos_i)`` is the single target logit. Rows labelled ``ignore_index`` give 0
-    and are left out of the mean; any other row without a target is a ValueError.
+    (insightface's fallback where m1*theta+m2 > pi). With ``pos_cos`` [B], every same-label
+    column is masked out and ``s*margin(pos_cos_i)`` is the single target logit.
 
     Args:
         x: [B, D] float; W: [M, D] float; row_labels: [B] int64; col_labels: [M] int64;
         pos_cos: optional [B] float target cosines.
 
     Returns:
-        (loss, lse [B], correct [B] bool): loss reduced by ``reduction`` ("mean", "sum", "none");
-        lse the per-row log-sum-exp of the logits (margin applied); correct whether the target's
-        plain cosine beats every other column's (top-1 without margin).
+        (lse, target, best_target, best_other), each [B] float32 (float64 for float64 inputs):
+        the log-sum-exp of all logits and of the target logits (-inf without a target), the best
+        target cosine (pos_cos when given) and the best cosine of a live non-target column (-inf
+        if none). lse and target are differentiable.
     """
     from .margins import CombinedMargin
 
@@ -136,33 +134,47 @@ def margin_cross_entropy_ref(x, W, row_labels, col_labels, pos_cos=None, *, scal
     cos = xf @ wf.T
     live = (col_labels >= 0)[None, :]
     same = (row_labels[:, None] == col_labels[None, :]) & live
-    ignored = row_labels == ignore_index
     neg_inf = torch.tensor(float("-inf"), dtype=dt, device=x.device)
+    others = torch.where(live & ~same, cos, neg_inf)
     if pos_cos is None:
-        has_target = same.any(dim=1)
-        logits = scale * torch.where(same, margin.target_cos(cos), cos)
-        logits = torch.where(live, logits, neg_inf)
+        logits = torch.where(live, scale * torch.where(same, margin.target_cos(cos), cos), neg_inf)
         target = torch.logsumexp(torch.where(same, logits, neg_inf), dim=1)
         best_target = torch.where(same, cos, neg_inf).amax(dim=1)
-        others = torch.where(live & ~same, cos, neg_inf)
     else:
-        has_target = torch.ones_like(ignored)
-        pos = pos_cos.to(dt)
-        target = scale * margin.target_cos(pos)
-        others = torch.where(live & ~same, cos, neg_inf)
+        best_target = pos_cos.to(dt)
+        target = scale * margin.target_cos(best_target)
         logits = torch.cat([target[:, None], scale * others], dim=1)
-        best_target = pos
-    if bool((~has_target & ~ignored).any()):
-        raise ValueError("some rows have no target column (no column carries their label)")
     lse = torch.logsumexp(logits, dim=1)
-    per_row = torch.where(ignored, torch.zeros_like(lse), lse - target)
-    correct = (best_target >= others.amax(dim=1)) & ~ignored
+    return lse, target, best_target.detach(), others.amax(dim=1).detach()
+
+
+def margin_cross_entropy_ref(x, W, row_labels, col_labels, pos_cos=None, *, scale, m1=1.0, m2=0.0,
+                             m3=0.0, normalize_x=True, normalize_w=True, reduction="mean",
+                             ignore_index=-1):
+    """Materialising reference of the fused margin softmax cross-entropy: ``lse - target`` per row
+    from ``margin_ce_stats_ref`` (see there for the logits). With several target columns the loss
+    is ``LSE(all) - LSE(targets)``. Rows labelled ``ignore_index`` give 0 and are left out of the
+    mean; any other row without a target is a ValueError.
+
+    Returns:
+        (loss, lse [B], correct [B] bool): loss reduced by ``reduction`` ("mean", "sum", "none");
+        correct whether the target's plain cosine beats every other column's (top-1 without
+        margin; False for ignored rows).
+    """
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    lse, target, best_target, best_other = margin_ce_stats_ref(
+        x, W, row_labels, col_labels, pos_cos, scale=scale, m1=m1, m2=m2, m3=m3,
+        normalize_x=normalize_x, normalize_w=normalize_w)
+    ignored = row_labels == ignore_index
+    if bool((torch.isinf(target) & ~ignored).any()):
+        raise ValueError("some rows have no target column (no column carries their label)")
+    per_row = torch.where(ignored, torch.zeros_like(lse), lse - torch.where(ignored, lse, target))
+    correct = (best_target >= best_other) & ~ignored
     if reduction == "none":
         loss = per_row
     elif reduction == "sum":
         loss = per_row.sum()
-    elif reduction == "mean":
-        loss = per_row.sum() / (~ignored).sum().clamp_min(1)
     else:
-        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+        loss = per_row.sum() / (~ignored).sum().clamp_min(1)
     return loss, lse, correct

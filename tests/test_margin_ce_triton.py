@@ -40,7 +40,8 @@ def test_matches_cpp(margin, with_pos, B, M, D):
     torch.testing.assert_close(got[0].cpu(), want[0], atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(got[1].cpu()[keep], want[1][keep], atol=1e-4, rtol=1e-5)
     assert torch.equal(torch.isinf(got[1].cpu()), ~keep)
-    assert torch.equal(got[2].cpu(), want[2])
+    for k in (2, 3):  # best target and best other cosine
+        torch.testing.assert_close(got[k].cpu(), want[k], atol=1e-5, rtol=1e-5)
     g = torch.Generator().manual_seed(1)
     ga, gb = torch.randn(B, generator=g), torch.randn(B, generator=g)
     out = triton_mc.margin_ce_bwd_triton(ga.to(DEVICE), gb.to(DEVICE), x, W, row, col, pos,

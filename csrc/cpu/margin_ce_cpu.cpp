@@ -104,7 +104,7 @@ Block block(const Setup& st, const at::Tensor& W, const at::Tensor& row_labels,
   return b;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> margin_ce_fwd_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_ce_fwd_cpu(
     const at::Tensor& x, const at::Tensor& W, const at::Tensor& row_labels,
     const at::Tensor& col_labels, const c10::optional<at::Tensor>& pos_cos, double scale,
     double m1, double m2, double m3, bool normalize_x, bool normalize_w) {
@@ -131,9 +131,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> margin_ce_fwd_cpu(
     auto pos = pos_cos->to(st.dt);
     target = mg.phi(pos) * scale;
     lse = at::logaddexp(lse, target);
-    best_target = pos;
+    best_target = pos.clone();  // an output must not alias the pos_cos input
   }
-  return {lse, target, best_target.ge(best_other)};
+  return {lse, target, best_target, best_other};
 }
 
 std::tuple<at::Tensor, c10::optional<at::Tensor>, c10::optional<at::Tensor>> margin_ce_bwd_cpu(

@@ -15,8 +15,11 @@ def margin_ce_fwd(x, W, row_labels, col_labels, pos_cos, scale, m1, m2, m3, norm
 
     Returns:
         lse [B] (log-sum-exp of all logits, margin applied), target [B] (log-sum-exp of the
-        target logits; -inf for a row without one), correct [B] bool (top-1 without margin).
-        float32 (float64 for float64 inputs). Differentiable in x, W and pos_cos.
+        target logits; -inf for a row without one), best_target [B] (the highest target cosine,
+        or pos_cos) and best_other [B] (the highest cosine of a live non-target column; -inf if
+        none): top-1 without margin is ``best_target >= best_other``, and shards of W combine by
+        taking the max of each. float32 (float64 for float64 inputs). lse and target are
+        differentiable in x, W and pos_cos.
     """
     return torch.ops.protomem.margin_ce_fwd(x, W, row_labels, col_labels, pos_cos, float(scale),
                                             float(m1), float(m2), float(m3), bool(normalize_x),
@@ -31,7 +34,7 @@ def _stat_dtype(x, W):
 def _fake_fwd(x, W, row_labels, col_labels, pos_cos, scale, m1, m2, m3, normalize_x, normalize_w):
     B = x.shape[0]
     dt = _stat_dtype(x, W)
-    return x.new_empty(B, dtype=dt), x.new_empty(B, dtype=dt), x.new_empty(B, dtype=torch.bool)
+    return tuple(x.new_empty(B, dtype=dt) for _ in range(4))
 
 
 @torch.library.register_fake("protomem::margin_ce_bwd")
@@ -44,14 +47,14 @@ def _fake_bwd(grad_lse, grad_target, x, W, row_labels, col_labels, pos_cos, lse,
 
 def _setup_context(ctx, inputs, output):
     x, W, row_labels, col_labels, pos_cos, *params = inputs
-    lse, target, _ = output
+    lse, target, best_target, best_other = output
     ctx.params = params
     ctx.has_pos = pos_cos is not None
     ctx.save_for_backward(x, W, row_labels, col_labels, pos_cos, lse, target)
-    ctx.mark_non_differentiable(output[2])
+    ctx.mark_non_differentiable(best_target, best_other)
 
 
-def _backward(ctx, grad_lse, grad_target, _grad_correct):
+def _backward(ctx, grad_lse, grad_target, _grad_best_target, _grad_best_other):
     x, W, row_labels, col_labels, pos_cos, lse, target = ctx.saved_tensors
     grad_lse = torch.zeros_like(lse) if grad_lse is None else grad_lse
     grad_target = torch.zeros_like(target) if grad_target is None else grad_target
@@ -70,10 +73,10 @@ torch.library.register_autograd("protomem::margin_ce_fwd", _backward, setup_cont
 def _fwd_cuda(x, W, row_labels, col_labels, pos_cos, scale, m1, m2, m3, normalize_x, normalize_w):
     from ..triton.margin_ce import margin_ce_fwd_triton
 
-    lse, target, correct = margin_ce_fwd_triton(x, W, row_labels, col_labels, pos_cos, scale, m1,
-                                                m2, m3, normalize_x, normalize_w)
+    stats = margin_ce_fwd_triton(x, W, row_labels, col_labels, pos_cos, scale, m1, m2, m3,
+                                 normalize_x, normalize_w)
     dt = _stat_dtype(x, W)
-    return lse.to(dt), target.to(dt), correct
+    return tuple(t.to(dt) for t in stats)
 
 
 @torch.library.impl("protomem::margin_ce_bwd", "CUDA")

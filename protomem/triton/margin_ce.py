@@ -172,7 +172,8 @@ def _prepare(x, W, normalize_x, normalize_w):
 
 def margin_ce_fwd_triton(x, W, row_labels, col_labels, pos_cos, scale, m1, m2, m3, normalize_x,
                          normalize_w, config=CONFIGS[0]):
-    """(lse [B], target [B], correct [B] bool), float32; as protomem.ops.margin_ce_fwd (m1 = 1)."""
+    """(lse, target, best_target, best_other), each [B] float32; as protomem.ops.margin_ce_fwd
+    (m1 = 1)."""
     if m1 != 1.0:
         raise ValueError("the Triton margin cross-entropy supports m1 = 1 only")
     xh, _, w_inv, Wc = _prepare(x, W, normalize_x, normalize_w)
@@ -187,8 +188,8 @@ def margin_ce_fwd_triton(x, W, row_labels, col_labels, pos_cos, scale, m1, m2, m
         pos = pos_cos.float()
         tgt = scale * CombinedMargin(scale, 1.0, m2, m3).target_cos(pos)
         lse = torch.logaddexp(lse, tgt)
-        bt = pos
-    return lse, tgt, bt >= bo
+        bt = pos.clone()  # an output must not alias the pos_cos input
+    return lse, tgt, bt, bo
 
 
 def margin_ce_bwd_triton(grad_lse, grad_target, x, W, row_labels, col_labels, pos_cos, lse, target,
