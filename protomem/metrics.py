@@ -234,7 +234,7 @@ def verification_accuracy(emb1, emb2, issame, nfolds=10, thresholds=None, far_ta
     n = emb1.shape[0]
     same = _vector(issame, "issame", n, torch.bool).cpu()
     folds = kfold_split(n, nfolds)
-    far_target = _fars(far_target)[0]
+    far_target = _fars((far_target,))[0]
     if thresholds is None:
         thresholds = torch.arange(400, dtype=torch.float64) * 0.01
     thresholds = torch.as_tensor(thresholds, dtype=torch.float64).flatten().cpu()

@@ -322,7 +322,7 @@ def test_pair_scores_sampling_is_uniform(m):
     emb = torch.randn(12, 3, generator=gen(9))
     g = gen(10)
     counts = {}
-    draws = 1500
+    draws = 800
     for _ in range(draws):
         _, genuine, pairs = M.pair_scores(emb, labels, max_impostor_pairs=m, generator=g, return_pairs=True)
         for pair in pairs[~genuine].tolist():
