@@ -6,6 +6,27 @@ import math
 
 import torch
 
+# The derivative of the angle, d theta / d cos = -1 / sin(theta), is capped at sin(theta) >= SIN_FLOOR
+# (in the kernels too): at theta ~ 0 (an embedding on its own prototype) the exact derivative is
+# unbounded while d cos / d x vanishes, and their float product is amplified rounding noise.
+SIN_FLOOR = 1e-3
+
+
+class _Angle(torch.autograd.Function):
+    """acos of a cosine (clamped to [-1, 1]) whose derivative is capped at sin(theta) >= SIN_FLOOR."""
+
+    @staticmethod
+    def forward(ctx, cos):
+        c = cos.clamp(-1.0, 1.0)
+        ctx.save_for_backward(c)
+        return torch.acos(c)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (c,) = ctx.saved_tensors
+        return -grad / torch.sqrt(1 - c * c).clamp_min(SIN_FLOOR)
+
+
 
 class CombinedMargin:
     """The insightface combined margin ``s*(cos(m1*theta + m2) - m3)`` on the target logit.
@@ -32,7 +53,7 @@ class CombinedMargin:
         """Margin-adjusted target cosine (unscaled), elementwise on a float tensor of cosines."""
         if self.m1 == 1.0 and self.m2 == 0.0:
             return cos - self.m3
-        theta = torch.acos(cos.clamp(-1.0, 1.0))
+        theta = _Angle.apply(cos)
         angular = torch.cos(self.m1 * theta + self.m2)
         fallback = cos - self.m2 * math.sin(self.m2)
         return torch.where(self.m1 * theta + self.m2 <= math.pi, angular, fallback) - self.m3

@@ -14,6 +14,10 @@ namespace {
 
 constexpr int64_t kChunk = 4096;
 constexpr double kEps = 1e-12;
+// d theta / d cos = -1 / sin(theta) is capped at sin(theta) >= kSinFloor (protomem.margins.SIN_FLOOR):
+// a row lying on its target (a lone exemplar's own prototype) would otherwise multiply rounding
+// noise by ~1e12.
+constexpr double kSinFloor = 1e-3;
 
 struct Margin {
   double s, m1, m2, m3;
@@ -32,7 +36,7 @@ struct Margin {
     auto cc = c.clamp(-1, 1);
     auto theta = at::acos(cc);
     auto angle = theta * m1 + m2;
-    auto sin_theta = at::sqrt(1 - cc * cc).clamp_min(kEps);
+    auto sin_theta = at::sqrt(1 - cc * cc).clamp_min(kSinFloor);
     return at::where(angle <= M_PI, at::sin(angle) * m1 / sin_theta, at::ones_like(c));
   }
 };

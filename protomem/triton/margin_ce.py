@@ -11,7 +11,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ..margins import CombinedMargin
+from ..margins import SIN_FLOOR, CombinedMargin
+
+_SIN_FLOOR = tl.constexpr(SIN_FLOOR)  # a jit function reads globals only as constexpr
 
 # Candidate tile shapes for autotuning on a GPU (issue 7); the interpreter uses the first.
 CONFIGS = [
@@ -100,7 +102,7 @@ def _dcos_tile(cos, row_lab, col_lab, cols, M, lse, tgt, a, b, s, cos_m, sin_m, 
     if WITH_POS:
         return dlogit * s
     dlogit += tl.where(same, tl.exp(logit - tgt[:, None]), 0.0) * b[:, None]
-    sin_t = tl.maximum(tl.sqrt(tl.maximum(1.0 - cos * cos, 0.0)), 1e-12)
+    sin_t = tl.maximum(tl.sqrt(tl.maximum(1.0 - cos * cos, 0.0)), _SIN_FLOOR)
     dphi = tl.where(cos > -cos_m, cos_m + cos * sin_m / sin_t, 1.0)
     return dlogit * s * tl.where(same, dphi, 1.0)
 
@@ -223,7 +225,7 @@ def margin_ce_bwd_triton(grad_lse, grad_target, x, W, row_labels, col_labels, po
     grad_pos = None
     if with_pos:
         pos = pos_cos.float()
-        sin_t = torch.sqrt((1 - pos * pos).clamp_min(0)).clamp_min(1e-12)
+        sin_t = torch.sqrt((1 - pos * pos).clamp_min(0)).clamp_min(SIN_FLOOR)
         dphi = torch.where(pos > -math.cos(m2), math.cos(m2) + pos * math.sin(m2) / sin_t, torch.ones_like(pos))
         grad_pos = ((a * torch.exp(target.float() - lse) + grad_target.float()) * scale * dphi).to(pos_cos.dtype)
     return grad_x.to(x.dtype), grad_w, grad_pos
