@@ -1,7 +1,33 @@
-"""Datasets and samplers for identity training: synthetic identities generated on the fly and a
+"""Datasets and samplers for identity training: synthetic identities, insightface RecordIO
+(``.rec`` / ``.idx``) and ``.bin`` verification sets read without mxnet, image folders, and a
 G identities x k samples batch sampler."""
+from .image_folder import ImageFolderIdentities
 from .longtail import long_tail_counts
+from .recordio import (
+    IRHeader,
+    RecordIODataset,
+    RecordIOReader,
+    RecordIOWriter,
+    pack,
+    unpack,
+    write_recordio,
+)
 from .sampler import IdentityBatchSampler
 from .synthetic import SyntheticIdentities
+from .verification import load_verification_bin, write_verification_bin
 
-__all__ = ["IdentityBatchSampler", "SyntheticIdentities", "long_tail_counts"]
+__all__ = [
+    "IdentityBatchSampler",
+    "ImageFolderIdentities",
+    "IRHeader",
+    "RecordIODataset",
+    "RecordIOReader",
+    "RecordIOWriter",
+    "SyntheticIdentities",
+    "load_verification_bin",
+    "long_tail_counts",
+    "pack",
+    "unpack",
+    "write_recordio",
+    "write_verification_bin",
+]
