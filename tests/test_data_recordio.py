@@ -41,6 +41,7 @@ def parts_of(framed):
 
 
 def write_grouped(tmp_path, labels, images, **kw):
+    tmp_path.mkdir(parents=True, exist_ok=True)
     prefix = tmp_path / "train"
     n = write_recordio(prefix, zip(images, labels), format="png", **kw)
     assert n == len(images)
@@ -67,6 +68,27 @@ def test_round_trip_with_identity_ranges(tmp_path):
     loader = torch.utils.data.DataLoader(ds, batch_size=4)
     x, y = next(iter(loader))
     assert x.shape == (4, 3, 12, 10) and y.tolist() == labels[:4]
+
+
+def test_images_outside_identity_ranges(tmp_path):
+    """Labels come from one image header per identity range, and from their own header for
+    images no range covers."""
+    images = random_images(4, seed=7)
+    with RecordIOWriter(tmp_path / "train.rec") as writer:
+        writer.write(0, pack((0, [5.0, 7.0], 0, 0), b""))  # images 1..4, identities 5, 6
+        for key, label in zip(range(1, 5), [2, 2, 0, 1]):
+            writer.write(key, pack((0, label, key, 0), encode_image(images[key - 1])))
+        writer.write(5, pack((0, [1.0, 3.0], 2, 0), b""))  # identity 2: images 1, 2
+        writer.write(6, pack((0, [3.0, 3.0], 9, 0), b""))  # an empty range
+    ds = RecordIODataset(tmp_path)
+    assert ds.labels.tolist() == [2, 2, 0, 1] and ds.num_classes == 2
+    torch.testing.assert_close(ds[3][0], expected_float(images[3:])[0])
+    with RecordIOWriter(tmp_path / "bad.rec") as writer:
+        writer.write(0, pack((0, [2.0, 3.0], 0, 0), b""))
+        writer.write(1, pack((0, 0, 1, 0), encode_image(images[0])))
+        writer.write(2, pack((0, [1.0, 4.0], 0, 0), b""))  # reaches past the images
+    with pytest.raises(ValueError, match="outside"):
+        RecordIODataset(tmp_path / "bad.rec")
 
 
 def test_without_identity_ranges_and_index(tmp_path):
@@ -103,7 +125,7 @@ def test_pack_unpack():
     payload = b"\x01\x02\x03"
     header, data = unpack(pack(IRHeader(0, 7.0, 42, 9), payload))
     assert header == IRHeader(0, 7.0, 42, 9) and data == payload
-    header, data = unpack(pack((0, [1.0, 2.5], 1, 0), payload))
+    header, data = RecordIOReader.unpack(pack((0, [1.0, 2.5], 1, 0), payload))
     assert header.flag == 2 and header.label.tolist() == [1.0, 2.5] and data == payload
     with pytest.raises(ValueError):
         unpack(b"short")
@@ -156,19 +178,29 @@ def test_split_image_record_in_dataset(tmp_path):
         torch.testing.assert_close(ds[i][0], expected_float(images[i:i + 1])[0])
 
 
-def test_corrupt_magic_names_file_and_offset(tmp_path):
-    prefix = write_grouped(tmp_path, [0, 1, 1], random_images(3, seed=4))
-    reader = RecordIOReader(f"{prefix}.rec")
-    offset = reader.offset(2)
+def corrupt_magic(prefix, key):
+    """Overwrites the magic of record ``key``; returns its offset."""
+    offset = RecordIOReader(f"{prefix}.rec").offset(key)
     with open(f"{prefix}.rec", "r+b") as f:
         f.seek(offset)
         f.write(b"\xde\xad\xbe\xef")
+    return offset
+
+
+def test_corrupt_magic_names_file_and_offset(tmp_path):
+    prefix = write_grouped(tmp_path, [0, 1, 1], random_images(3, seed=4))
+    offset = corrupt_magic(prefix, 3)  # the second image of identity 1
     reader = RecordIOReader(f"{prefix}.rec")
     with pytest.raises(ValueError, match=rf"train\.rec.*offset {offset}"):
-        reader.read(2)
+        reader.read(3)
+    assert reader.read(2)  # other records are intact
+    ds = RecordIODataset(tmp_path)  # labels need only the first image of each identity
     with pytest.raises(ValueError, match=rf"offset {offset}"):
-        RecordIODataset(tmp_path)  # labels are read from every image header at construction
-    assert reader.read(1)  # other records are intact
+        ds[2]
+    flat = write_grouped(tmp_path / "flat", [0, 1, 1], random_images(3), identity_ranges=False)
+    offset = corrupt_magic(flat, 1)
+    with pytest.raises(ValueError, match=rf"offset {offset}"):
+        RecordIODataset(f"{flat}.rec")  # labels come from every image header
 
 
 def test_truncated_file(tmp_path):
