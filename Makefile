@@ -33,7 +33,8 @@ setup: $(VENV)/.deps
 $(VENV)/.deps: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
-	$(PIP) install --quiet "$(TORCH_SPEC)" numpy pytest ninja setuptools wheel
+	$(PIP) install --quiet "$(TORCH_SPEC)" numpy pytest ninja setuptools wheel \
+	  Pillow tqdm matplotlib pytorch-metric-learning
 	touch $@
 
 build: $(BUILT)

@@ -5,7 +5,15 @@ from ._version import __version__
 
 _C = load_extension()
 
-from . import functional, margins, ops, reference  # noqa: E402
+from . import distributed, functional, margins, metrics, ops, reference  # noqa: E402
+from .losses import (  # noqa: E402
+    DCQLoss,
+    FullSoftmaxLoss,
+    MomentumEncoder,
+    PartialFCLoss,
+    PrototypeMemoryLoss,
+)
+from .margins import ArcFace, CombinedMargin, CosFace  # noqa: E402
 from .memory import ClassQueue, PrototypeMemory  # noqa: E402
 from .ops import (  # noqa: E402
     generate_prototypes,
@@ -29,6 +37,14 @@ def build_info():
 __all__ = [
     "__version__",
     "build_info",
+    "ArcFace",
+    "CombinedMargin",
+    "CosFace",
+    "DCQLoss",
+    "FullSoftmaxLoss",
+    "MomentumEncoder",
+    "PartialFCLoss",
+    "PrototypeMemoryLoss",
     "ClassQueue",
     "PrototypeMemory",
     "generate_prototypes",
@@ -36,8 +52,10 @@ __all__ = [
     "memory_update_",
     "queue_enqueue_",
     "rebuild_index_",
+    "distributed",
     "functional",
     "margins",
+    "metrics",
     "ops",
     "reference",
 ]

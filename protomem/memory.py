@@ -79,7 +79,7 @@ class PrototypeMemory(nn.Module):
         self.register_load_state_dict_post_hook(PrototypeMemory._rebuild_after_load)
 
     @torch.no_grad()
-    def update(self, classes, prototypes, check=True):
+    def update(self, classes, prototypes, check=True, commit=None):
         """Refreshes or enqueues the prototypes of one step's distinct classes.
 
         Args:
@@ -88,6 +88,9 @@ class PrototypeMemory(nn.Module):
                 skipped and counted in ``stats()["rejected"]``.
             check: verify that ``classes`` are distinct and non-negative first (one host sync on
                 CUDA). Pass False for classes that come from ``generate_prototypes``.
+            commit: optional 0-d bool tensor on the memory's device; where it is False the memory
+                (prototypes, labels, stamps, index and counters) is left exactly as it was,
+                without a host sync (a skipped step, e.g. non-finite embeddings).
 
         Returns:
             [U] int64 slot of each class (-1 for a skipped class no longer held).
@@ -102,9 +105,15 @@ class PrototypeMemory(nn.Module):
                 raise ValueError("classes must be non-negative class ids")
             if classes.unique().numel() != classes.numel():
                 raise ValueError("classes must be distinct; use update_from_batch for raw labels")
-        return memory_update_(self.protos, self.slot_labels, self.stamps, self.index_keys,
-                              self.index_vals, self.counters, classes, prototypes,
-                              self.momentum, self.policy)
+        if commit is not None:  # an all-NaN step writes no slot; the counters are put back
+            prototypes = torch.where(commit, prototypes, float("nan"))
+            saved = self.counters.clone()
+        slots = memory_update_(self.protos, self.slot_labels, self.stamps, self.index_keys,
+                               self.index_vals, self.counters, classes, prototypes,
+                               self.momentum, self.policy)
+        if commit is not None:
+            self.counters.copy_(torch.where(commit, self.counters, saved))
+        return slots
 
     def update_from_batch(self, x, labels, weights=None):
         """Generates the batch's class prototypes and writes them into the memory.
@@ -205,10 +214,21 @@ class ClassQueue(nn.Module):
         self.register_buffer("counters", torch.zeros(3, dtype=torch.long, device=device))
 
     @torch.no_grad()
-    def enqueue(self, keys, labels):
+    def enqueue(self, keys, labels, commit=None):
         """Appends keys [N, D] (floating) with labels [N] or [N, 1] (int64/int32), overwriting the
-        oldest entries. Non-finite keys or negative labels become empty entries (counted)."""
-        queue_enqueue_(self.keys, self.labels, self.counters, keys, _as_labels(labels))
+        oldest entries. Non-finite keys or negative labels become empty entries (counted).
+
+        ``commit``: optional 0-d bool tensor on the queue's device; where False the queue is left
+        exactly as it was, without a host sync."""
+        labels = _as_labels(labels)
+        if commit is not None:  # rewrite the entries the rows would overwrite with themselves
+            pos = (self.counters[Q_HEAD] + torch.arange(keys.shape[0], device=keys.device)) % self.queue_size
+            keys = torch.where(commit, keys, self.keys[pos])  # promotes: old rows stay exact
+            labels = torch.where(commit, labels, self.labels[pos])
+            saved = self.counters.clone()
+        queue_enqueue_(self.keys, self.labels, self.counters, keys, labels)
+        if commit is not None:
+            self.counters.copy_(torch.where(commit, self.counters, saved))
 
     @torch.no_grad()
     def reset(self):

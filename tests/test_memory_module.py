@@ -94,3 +94,31 @@ def test_index_capacity():
     assert protomem.ops.index_capacity(1000) == 2048
     assert protomem.ops.index_capacity(1024) == 2048
     assert protomem.ops.index_capacity(1025) == 4096
+
+
+@pytest.mark.parametrize("kind", ["memory", "queue"])
+def test_commit_false_leaves_state_exactly(device, kind):
+    """commit=tensor(False) (a skipped step, decided on the device) changes nothing; True is a
+    normal update."""
+    gen = torch.Generator().manual_seed(3)
+    make = {"memory": lambda: protomem.PrototypeMemory(6, 4, momentum=0.5, device=device),
+            "queue": lambda: protomem.ClassQueue(5, 4, dtype=torch.bfloat16, device=device)}[kind]
+    a, b = make(), make()
+
+    def write(mem, classes, rows, commit=None):
+        classes, rows = classes.to(device), rows.to(device)
+        if kind == "memory":
+            mem.update(classes, rows, commit=commit)
+        else:
+            mem.enqueue(rows, classes, commit=commit)
+
+    for step in range(4):
+        classes, rows = torch.randperm(9, generator=gen)[:3], torch.randn(3, 4, generator=gen)
+        write(a, classes, rows)
+        before = {k: v.clone() for k, v in a.state_dict().items()}
+        write(a, classes + 20, rows * 2, commit=torch.tensor(False, device=device))
+        for k, v in a.state_dict().items():
+            assert torch.equal(v, before[k]), (step, k)
+        write(b, classes, rows, commit=torch.tensor(True, device=device))
+        for k, v in a.state_dict().items():
+            assert torch.equal(v, b.state_dict()[k]), (step, k)

@@ -1,0 +1,117 @@
+"""DCQLoss: the Dynamic Class Queue head (Li et al., CVPR 2021, arXiv 2105.11113)."""
+import torch
+from torch import nn
+
+from .. import distributed
+from ..functional import margin_ce_stats
+from ..margins import CosFace
+from ..memory import ClassQueue
+from ._common import StepStats, check_embeddings, check_labels, check_margin, cosine, global_mean
+from ._common import row_loss
+
+
+class DCQLoss(nn.Module):
+    """Drop-in loss head ``loss = head(q, k, labels)`` over a FIFO queue of per-sample class weights.
+
+    ``q`` are the query embeddings (with gradient) and ``k`` the keys of a second image of the
+    same identity from a momentum encoder (``MomentumEncoder``; no gradient). Each query is
+    classified against its own key as the positive (with the margin) and the queue's entries as
+    negatives, entries carrying the query's label masked out; then the keys are enqueued
+    (overwriting the oldest). The enqueue is applied at the start of the next call (or by
+    ``flush()``, ``state_dict()``), so that this step's backward still sees the queue its forward
+    used, without a copy of the queue.
+
+    Args:
+        embedding_size: D.
+        queue_size: K, the number of entries (the paper: about 10% of the classes).
+        margin: a ``protomem.margins`` margin (default CosFace(50, 0.3), as the paper).
+        queue_dtype: storage dtype of the queue (float32, bfloat16, float16).
+        device: where the queue lives.
+
+    Under torch.distributed the keys and labels of all ranks are gathered and enqueued on every
+    rank, so the queues stay identical; the returned loss is the mean over the global batch.
+    """
+
+    def __init__(self, embedding_size, queue_size, margin=None, queue_dtype=torch.float32, device=None):
+        super().__init__()
+        self.margin = check_margin(CosFace(50.0, 0.3) if margin is None else margin)
+        self.embedding_size = embedding_size
+        self.queue = ClassQueue(queue_size, embedding_size, queue_dtype, device)
+        self._pending = None
+        self._stats = StepStats()
+
+    @property
+    def last_stats(self):
+        """Statistics of the last step (one host sync): loss, accuracy (positive beats every
+        negative, without margin), rows, positive_cos (mean cos(q, k)), committed, and the
+        queue's fill (``ClassQueue.stats``)."""
+        out = self._stats.as_dict()
+        if out:
+            out.update({f"queue_{k}": v for k, v in self.queue.stats().items()})
+        return out
+
+    def forward(self, q, k, labels):
+        """Loss of one step; the keys join the queue.
+
+        Args:
+            q: [B, D] float32/bfloat16/float16 query embeddings.
+            k: [B, D] keys of a second view of the same identities (detached here).
+            labels: [B] or [B, 1] int64/int32 class ids >= 0.
+
+        Returns:
+            0-d float32 loss, the mean over the global batch. Non-finite q or k give a
+            non-finite loss and the queue is left untouched.
+        """
+        device = self.queue.keys.device
+        check_embeddings(q, self.embedding_size, device, "q")
+        check_embeddings(k, self.embedding_size, device, "k")
+        if k.shape != q.shape:
+            raise ValueError(f"k must have the shape of q {tuple(q.shape)}, got {tuple(k.shape)}")
+        labels = check_labels(labels, q.shape[0], q.device)
+        self.flush()
+        with torch.autocast(q.device.type, enabled=False):
+            return self._step(q, k.detach(), labels)
+
+    def _step(self, q, k, y):
+        K, Y, _ = distributed.gather_batch(k, y, with_grad=False)
+        if bool((Y < 0).any()):
+            raise ValueError("labels must be non-negative class ids")
+        bad = (~torch.isfinite(q).all() | ~torch.isfinite(K).all()).to(torch.float32)
+        ok = distributed.all_reduce(bad[None], op="max")[0] == 0  # one rank's NaN skips all
+        pos = cosine(q, k)
+        lse, target, best_t, best_o = margin_ce_stats(q, self.queue.keys, y, self.queue.labels,
+                                                      pos, **self.margin.params())
+        no_row = torch.zeros_like(y, dtype=torch.bool)
+        local = row_loss(lse, target, no_row).sum()
+        correct = (best_t >= best_o).sum()
+        n_total = torch.tensor(K.shape[0], device=q.device)
+        loss, (n_correct, pos_sum) = global_mean(local, n_total, (correct, pos.detach().sum()))
+        self._pending = (K, Y, ok)
+        self._stats.set(loss=loss, accuracy=n_correct / n_total, rows=n_total,
+                        positive_cos=pos_sum / n_total, committed=ok)
+        return loss
+
+    @torch.no_grad()
+    def flush(self):
+        """Applies the pending enqueue of the last step's keys (done by the next forward and by
+        ``state_dict``; call it yourself before reading ``queue`` directly)."""
+        if self._pending is not None:
+            K, Y, ok = self._pending
+            self._pending = None
+            self.queue.enqueue(K, Y, commit=ok)
+
+    def reset(self):
+        """Empties the queue and drops the pending keys."""
+        self._pending = None
+        self.queue.reset()
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        self.flush()  # runs before the queue's buffers are saved
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._pending = None
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def extra_repr(self):
+        return f"embedding_size={self.embedding_size}, margin={self.margin}"

@@ -1,0 +1,53 @@
+"""The heads, batches and training loop shared by the one-process and the 2-process runs of
+tests/test_heads_distributed.py (imported by the test and by tests/distributed_worker.py)."""
+import torch
+
+from protomem.losses import DCQLoss, FullSoftmaxLoss, PartialFCLoss, PrototypeMemoryLoss
+
+D, C, B, STEPS = 10, 50, 13, 20
+SPLIT = 6  # rank 0 holds rows [0, 6) of each global batch, rank 1 the other 7: unequal on purpose
+
+CASES = {
+    "pm": lambda: (PrototypeMemoryLoss(D, 24, momentum=0.4), False),
+    "pm_loo_cross": lambda: (PrototypeMemoryLoss(D, 24, exemplars="leave_one_out",
+                                                 detach_prototypes=False, quality="norm"), False),
+    "dcq": lambda: (DCQLoss(D, 17), False),
+    "pfc": lambda: (PartialFCLoss(D, C, sample_rate=0.4, seed=4), True),
+    "full": lambda: (FullSoftmaxLoss(D, C, seed=4), True),
+}
+
+
+def make(name):
+    """(head, optimiser or None) of a case; the optimiser trains the class weights."""
+    head, trains = CASES[name]()
+    return head, (torch.optim.SGD(head.parameters(), lr=0.5, momentum=0.9) if trains else None)
+
+
+def global_batch(t):
+    """(x [B, D], k [B, D], y [B]) of global step t."""
+    g = torch.Generator().manual_seed(100 + t)
+    y = torch.randint(C, (B,), generator=g)
+    y[-3:] = y[:3]  # some classes with several exemplars, spread over both ranks
+    return torch.randn(B, D, generator=g), torch.randn(B, D, generator=g), y
+
+
+def local_rows(rank, world):
+    """This rank's slice of each global batch (all of it in a world of one)."""
+    if world == 1:
+        return slice(0, B)
+    return slice(0, SPLIT) if rank == 0 else slice(SPLIT, B)
+
+
+def run_steps(head, opt, name, steps, rows):
+    """Trains on rows ``rows`` of the global batches ``steps``; returns [(loss, grad of x)]."""
+    out = []
+    for t in steps:
+        x, k, y = global_batch(t)
+        x = x[rows].clone().requires_grad_()
+        loss = head(x, k[rows], y[rows]) if name == "dcq" else head(x, y[rows])
+        loss.backward()
+        if opt is not None:
+            opt.step()
+            opt.zero_grad()
+        out.append((loss.item(), x.grad.clone()))
+    return out
