@@ -39,6 +39,21 @@ struct Margin {
     auto sin_theta = at::sqrt(1 - cc * cc).clamp_min(kSinFloor);
     return at::where(angle <= M_PI, at::sin(angle) * m1 / sin_theta, at::ones_like(c));
   }
+
+  // `other` with f(cos) where `same` is set. Targets are about one per row, so an angular
+  // margin's acos/cos runs on those entries only, not on the whole [B, C] block.
+  template <typename F>
+  at::Tensor on_targets(const at::Tensor& cos, const at::Tensor& same, const at::Tensor& other,
+                        F f) const {
+    if (additive_only()) return at::where(same, f(cos), other);
+    auto out = other.clone();
+    auto idx = same.nonzero();
+    if (idx.size(0) > 0) {
+      auto r = idx.select(1, 0), c = idx.select(1, 1);
+      out.index_put_({r, c}, f(cos.index({r, c})));
+    }
+    return out;
+  }
 };
 
 void check_margin_ce_args(const at::Tensor& x, const at::Tensor& W, const at::Tensor& row_labels,
@@ -103,7 +118,8 @@ Block block(const Setup& st, const at::Tensor& W, const at::Tensor& row_labels,
   if (with_pos) {
     b.logits = (b.cos * mg.s).masked_fill(b.same.logical_or(live.logical_not()), -inf);
   } else {
-    b.logits = at::where(b.same, mg.phi(b.cos), b.cos).mul_(mg.s).masked_fill(live.logical_not(), -inf);
+    auto phi = [&](const at::Tensor& c) { return mg.phi(c); };
+    b.logits = mg.on_targets(b.cos, b.same, b.cos, phi).mul_(mg.s).masked_fill(live.logical_not(), -inf);
   }
   return b;
 }
@@ -162,7 +178,10 @@ std::tuple<at::Tensor, c10::optional<at::Tensor>, c10::optional<at::Tensor>> mar
     const auto b = block(st, W, row_labels, col_labels, with_pos, mg, j0, j1);
     auto dlogit = at::exp(b.logits - lse_c) * a;
     if (!with_pos) dlogit += at::exp(b.logits - target_c).masked_fill(b.same.logical_not(), 0) * b_row;
-    auto dcos = with_pos ? dlogit * scale : dlogit * at::where(b.same, mg.dphi(b.cos), 1.0) * scale;
+    auto dphi = [&](const at::Tensor& c) { return mg.dphi(c); };
+    auto dcos = with_pos || mg.additive_only()
+                    ? dlogit * scale
+                    : dlogit * mg.on_targets(b.cos, b.same, at::ones_like(b.cos), dphi) * scale;
     G.add_(at::matmul(dcos, b.wh));
     if (need_grad_w) {
       auto H = at::matmul(dcos.t(), st.xh);
