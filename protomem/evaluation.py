@@ -317,7 +317,7 @@ def _backbone_kwargs(cfg):
 def _encoder_state(ckpt, use_ema):
     if not use_ema:
         return ckpt["model"]
-    if "ema" not in ckpt:
+    if ckpt.get("ema") is None:
         raise ValueError("use_ema=True but the checkpoint holds no 'ema' (momentum encoder) state")
     prefix = "encoder."
     state = ckpt["ema"]
@@ -329,11 +329,11 @@ def _encoder_state(ckpt, use_ema):
 
 def resolve_use_ema(ckpt, use_ema=None):
     """Whether to evaluate a checkpoint's momentum (EMA) encoder: ``use_ema`` when given, else
-    True when the checkpoint holds ``"ema"`` and its head was "dcq" (DCQ evaluates its momentum
-    encoder)."""
+    True when the checkpoint's ``"ema"`` is there and not None and its head was "dcq" (DCQ
+    evaluates its momentum encoder)."""
     if use_ema is not None:
         return bool(use_ema)
-    return "ema" in ckpt and ckpt["config"].get("head") == "dcq"
+    return ckpt.get("ema") is not None and ckpt["config"].get("head") == "dcq"
 
 
 def model_from_checkpoint(ckpt, use_ema=None):

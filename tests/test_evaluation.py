@@ -306,7 +306,8 @@ def same_results(a, b):
 
 
 def test_model_from_checkpoint(tmp_path, trained):
-    path = save_checkpoint(tmp_path / "c.pt", trained.state_dict())
+    # the trainer saves "ema": None when it has no momentum encoder: the encoder is evaluated
+    path = save_checkpoint(tmp_path / "c.pt", trained.state_dict(), dict(CONFIG, head="dcq"), ema=None)
     model = model_from_checkpoint(path)
     assert not model.training
     x = torch.randn(9, CONFIG["in_dim"])
@@ -384,6 +385,7 @@ def test_cli_bin_with_image_backbone(tmp_path, capsys):
     ({"format": "something-else"}, [], "format"),
     ({"config": dict(CONFIG, backbone="resnet9000")}, [], "unknown backbone 'resnet9000'"),
     ({}, ["--use-ema"], "no 'ema'"),
+    ({"ema": None, "config": dict(CONFIG, head="dcq")}, ["--use-ema"], "no 'ema'"),
     ({"config": dict(CONFIG, data="/data/faces")}, [], "pass --bin"),
     ({}, ["--bin", "/nonexistent/lfw.bin"], "not found"),
 ])
