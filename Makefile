@@ -1,7 +1,7 @@
 # Two commands set everything up on a fresh machine:
 #   make test   .venv + torch + build tools, build protomem._C (CUDA kernels whenever a CUDA
 #               toolkit is found), run the whole test suite
-#   make demo   the same set-up, then the main job (for now: the memory-update benchmark)
+#   make demo   the same set-up, then the main job: four heads trained on synthetic identities
 # Both are idempotent: nothing is reinstalled or recompiled unless its inputs changed.
 
 VENV        ?= .venv
@@ -48,7 +48,7 @@ test: $(BUILT)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 demo: $(BUILT)
-	$(PY) benchmarks/bench_memory_update.py
+	$(PY) -m protomem.demo --out demo_out
 
 bench: $(BUILT)
 	$(PY) benchmarks/bench_memory_update.py --out benchmarks/results
