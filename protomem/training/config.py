@@ -67,6 +67,7 @@ OPTIONS = {
     "save_every": (0, "steps between checkpoints (0: only at the end)"),
     "resume": (None, "checkpoint to resume from ('auto': OUT/checkpoint.pt if it exists)"),
     "progress": (True, "show a progress bar"),
+    "track_staleness": (False, "record the step each class was last in a batch (for protomem.staleness)"),
     "tensorboard": (True, "also log to TensorBoard when it is installed"),
 }
 

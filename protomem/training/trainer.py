@@ -79,6 +79,9 @@ class Trainer:
         self.schedule = builders.build_schedule(cfg, self.optimizer, self.total_steps)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg["amp"] == "fp16")
         self.step, self.epoch, self.batches_done, self.skipped = 0, 0, 0, 0
+        # step each class was last in a (local) batch, -1 never: the x-axis of protomem.staleness
+        self.last_seen = (torch.full((self.dataset.num_classes,), -1, dtype=torch.long, device=self.device)
+                          if cfg["track_staleness"] else None)
         self.eval_history = []
         self.step_times = []
         if cfg["resume"]:
@@ -117,10 +120,14 @@ class Trainer:
         amp = self.cfg["amp"]
         with torch.autocast(self.device.type, dtype=_AMP.get(amp), enabled=amp != "none"):
             if self.ema is None:
-                return self.head(self.model(x), y)
-            xq, xk = x.chunk(2)
-            yq = y[: xq.shape[0]]
-            return self.head(self.model(xq), self.ema(xk), yq)
+                loss = self.head(self.model(x), y)
+            else:
+                xq, xk = x.chunk(2)
+                y = y[: xq.shape[0]]
+                loss = self.head(self.model(xq), self.ema(xk), y)
+        if self.last_seen is not None:
+            self.last_seen[y] = self.step
+        return loss
 
     def train_step(self, batches):
         """One optimiser step over ``accum_steps`` micro-batches; returns the mean loss (float)."""
@@ -258,7 +265,7 @@ class Trainer:
                 "head": self.head.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "schedule": self.schedule.state_dict(), "scaler": self.scaler.state_dict(),
                 "sampler": self.sampler.state_dict(self.batches_done) | {"epoch": self.epoch},
-                "step": self.step, "skipped": self.skipped, "rng": rng}
+                "step": self.step, "skipped": self.skipped, "rng": rng, "last_seen": self.last_seen}
 
     def save(self, path=None):
         """Writes the checkpoint (rank 0; atomically) to ``path`` or OUT/checkpoint.pt."""
@@ -291,6 +298,8 @@ class Trainer:
         self.sampler.load_state_dict(ckpt["sampler"])
         self.epoch, self.batches_done = ckpt["sampler"]["epoch"], ckpt["sampler"]["batches_done"]
         self.step, self.skipped = ckpt["step"], ckpt["skipped"]
+        if self.last_seen is not None and ckpt.get("last_seen") is not None:
+            self.last_seen.copy_(ckpt["last_seen"])
         rng = ckpt["rng"]
         torch.set_rng_state(rng["torch"].cpu())
         np.random.set_state(rng["numpy"])
