@@ -13,17 +13,16 @@ its peak memory at B = 256, M = 2e5, D = 128.
     python benchmarks/bench_margin_ce.py [--device cpu] [--B 256] [--M 2e5] [--D 128] [--out DIR]
 """
 import argparse
-import csv
-import datetime
 import importlib.util
 import json
 import os
-import platform
-import resource
 import subprocess
 import sys
 
 import torch
+
+from common import device_name, make_row, write_rows
+from measure import PeakMemory, time_fn
 
 PROVIDERS = ("eager", "compiled", "fused", "cce")
 
@@ -61,14 +60,9 @@ def check(fn, x, W, row, col, provider):
         raise SystemExit(f"{provider}: loss {float(got)} != reference {float(want)}")
 
 
-def peak_rss_mb():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def measure(provider, B, M, D, device, grad_w, min_run_time, dtype=torch.float32):
     """In this process: check, then time forward + backward and measure the peak memory."""
     import protomem  # noqa: F401
-    import torch.utils.benchmark as tbench
 
     x, W, row, col = inputs(B, M, D, dtype, device)
     W.requires_grad_(grad_w)
@@ -78,33 +72,11 @@ def measure(provider, B, M, D, device, grad_w, min_run_time, dtype=torch.float32
         x.grad = W.grad = None
         fn(x, W, row, col).backward()
 
-    if device == "cuda":
-        import triton.testing
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
+    with PeakMemory(device) as pk:
         step()
-        torch.cuda.synchronize()
-        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-        if provider != "cce":  # cce computes another loss: nothing to check it against
-            check(fn, x, W, row, col, provider)
-        ms = triton.testing.do_bench(step, quantiles=[0.5, 0.2, 0.8], return_mode="median")
-        times = [t / 1e3 for t in ms]
-    else:
-        base = peak_rss_mb()
-        step()
-        peak = peak_rss_mb() - base
+    if provider != "cce":  # cce computes another loss: nothing to check it against
         check(fn, x, W, row, col, provider)  # after the memory reading: the reference is eager
-        m = tbench.Timer("step()", globals={"step": step}).blocked_autorange(min_run_time=min_run_time)
-        ts = sorted(m.times)
-        times = [m.median, ts[int(0.2 * (len(ts) - 1))], ts[int(0.8 * (len(ts) - 1))]]
-    return {"time_s": times, "peak_mb": peak}
-
-
-def device_name(device):
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+    return {"time_s": list(time_fn(step, device, min_run_time)), "peak_mb": pk.mb}
 
 
 def main():
@@ -146,22 +118,14 @@ def main():
         print(f"fused / eager: time {f['time_s'][0] / e['time_s'][0]:.2f}x, "
               f"peak memory {f['peak_mb'] / max(e['peak_mb'], 1e-9):.3f}x")
     if a.out:
-        os.makedirs(a.out, exist_ok=True)
         path = os.path.join(a.out, f"margin_ce_{a.device}_{a.dtype}{'_gradw' if a.grad_w else ''}.csv")
-        import protomem
+        params = dict(B=a.B, M=M, D=a.D, dtype=a.dtype, grad_w=a.grad_w)
         rows = []
         for provider, r in results.items():
-            common = dict(bench="margin_ce", provider=provider,
-                          params=f"B={a.B};M={M};D={a.D};dtype={a.dtype};grad_w={a.grad_w}",
-                          device=name, torch=torch.__version__, protomem=protomem.__version__,
-                          date=datetime.date.today().isoformat())
-            t = r["time_s"]
-            rows.append(dict(common, metric="time_fwd_bwd", unit="ms", median=t[0] * 1e3, p20=t[1] * 1e3, p80=t[2] * 1e3))
-            rows.append(dict(common, metric="peak_memory", unit="MB", median=r["peak_mb"], p20=r["peak_mb"], p80=r["peak_mb"]))
-        with open(path, "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
+            rows.append(make_row("margin_ce", provider, params, "time_fwd_bwd", "ms",
+                                 [t * 1e3 for t in r["time_s"]], name))
+            rows.append(make_row("margin_ce", provider, params, "peak_memory", "MB", r["peak_mb"], name))
+        write_rows(path, rows)
         print(f"wrote {path}")
 
 

@@ -9,25 +9,18 @@ with the device. Targets: CPU fused >= 3x the reference at M = 1e6, U = 512; H10
                                              [--classes 64,512,4096] [--dim 512] [--out DIR]
 """
 import argparse
-import csv
-import datetime
 import os
-import platform
 import sys
 
 import torch
-import torch.utils.benchmark as tbench
 
 import protomem
 from protomem.reference import memory_update_ref
 
+from common import device_name, make_row, write_rows
+from measure import time_fn
+
 STEPS = 8  # distinct steps cycled through while timing
-
-
-def device_name(device):
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
 
 
 def filled_memory(M, D, device):
@@ -64,18 +57,6 @@ def check(mem, steps):
             sys.exit("bench_memory_update: prototypes disagree with the reference")
 
 
-def time_provider(fn, device, min_run_time):
-    """Median and 20th/80th percentile seconds per call."""
-    if device == "cuda":
-        import triton.testing
-        ms = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8], return_mode="median")
-        return [t / 1e3 for t in ms]
-    m = tbench.Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time)
-    times = sorted(m.times)
-    q = lambda f: times[min(len(times) - 1, int(f * len(times)))]  # noqa: E731
-    return m.median, q(0.2), q(0.8)
-
-
 def cycle(fn_step, steps):
     state = {"i": 0}
 
@@ -103,24 +84,17 @@ def run(args):
             ref_state = [mem.protos.clone(), mem.slot_labels.clone(), mem.stamps.clone(), mem.counters.clone()]
             ref_fn = cycle(lambda c, p: memory_update_ref(*ref_state, c, p), steps)
             fused_fn = cycle(lambda c, p: mem.update(c, p, check=False), steps)
-            t_ref = time_provider(ref_fn, device, args.min_run_time)
-            t_fused = time_provider(fused_fn, device, args.min_run_time)
+            t_ref = time_fn(ref_fn, device, args.min_run_time)
+            t_fused = time_fn(fused_fn, device, args.min_run_time)
             print(f"{M:>9} {U:>6} {t_ref[0] * 1e6:>14.1f} {t_fused[0] * 1e6:>10.1f} {t_ref[0] / t_fused[0]:>8.1f}x")
             for provider, t in (("reference", t_ref), ("fused", t_fused)):
-                rows.append(dict(bench="memory_update", provider=provider,
-                                 params=f"M={M};U={U};D={args.dim};dtype=float32", metric="time",
-                                 unit="us", median=t[0] * 1e6, p20=t[1] * 1e6, p80=t[2] * 1e6,
-                                 device=name, torch=torch.__version__, protomem=protomem.__version__,
-                                 date=datetime.date.today().isoformat()))
+                rows.append(make_row("memory_update", provider, dict(M=M, U=U, D=args.dim, dtype="float32"),
+                                     "time", "us", [v * 1e6 for v in t], name))
         del mem
     if args.out:
-        os.makedirs(args.out, exist_ok=True)
         tag = "cuda" if device == "cuda" else "cpu"
         path = os.path.join(args.out, f"memory_update_{tag}.csv")
-        with open(path, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
+        write_rows(path, rows)
         print(f"wrote {path}")
     return rows
 
