@@ -36,7 +36,9 @@ def plot_scale(rows, path):
         ax.set_xlabel("classes C (labels uniform in [0, C))")
         ax.set_ylabel(label)
         ax.grid(True, which="both", alpha=0.3)
-    axes[0].legend(title="x along the top: out of memory", fontsize=8, title_fontsize=8)
+    budget = next((parse_params(r["params"]).get("budget_gb") for r in rows if is_oom(r)), None)
+    oom = f"estimated need > {budget} GB budget" if budget else "out of memory"
+    axes[0].legend(title=f"x along the top: {oom}", fontsize=8, title_fontsize=8)
     r0 = rows[0]
     p0 = parse_params(r0["params"])
     fig.suptitle(f"Loss heads vs number of classes: B = {p0['B']}, D = {p0['D']}, {r0['device']}", fontsize=10)
