@@ -73,7 +73,11 @@ def rows_of(head, params, result, device):
 
 
 def run(a):
-    name = device_name(a.device) if a.device == "cpu" else run_worker(worker_cmd(a, "--worker", "name"))["name"]
+    # the parent never touches the GPU: its context would take device memory from the workers
+    got = {"name": device_name("cpu")} if a.device == "cpu" else run_worker(worker_cmd(a, "--worker", "name"))
+    if "name" not in got:
+        sys.exit(f"bench_scale: no {a.device} device: {got.get('error')}")
+    name = got["name"]
     print(f"bench_scale on {name}: B={a.B} D={a.D} M=K={a.M}, classes {a.classes}, heads {a.heads}")
     checked = run_worker(worker_cmd(a, "--worker", "check", "--heads", ",".join(a.heads)))
     if "error" in checked:
