@@ -51,7 +51,7 @@ demo: $(BUILT)
 	$(PY) -m protomem.demo --out demo_out
 
 bench: $(BUILT)
-	$(PY) benchmarks/bench_memory_update.py --out benchmarks/results
+	$(PY) benchmarks/run.py --update-readme
 
 # The CMake build of the same sources (CPU-only), with compile_commands.json. A CUDA build of
 # torch makes find_package(Torch) look for the toolkit even then: point it at CUDA_HOME, skip its

@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from . import metrics
-from .data import SyntheticIdentities, load_verification_bin
-from .models import build_backbone
+from .data import load_verification_bin
+from .training.builders import build_dataset, build_encoder
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -302,18 +302,6 @@ def _check_checkpoint(ckpt, where="checkpoint"):
         raise ValueError(f"{where}: missing {', '.join(missing)}")
 
 
-def _backbone_kwargs(cfg):
-    """The MLP's hidden widths from the ``hidden`` option ("512,256", an int or a list)."""
-    if cfg["backbone"] != "mlp" or cfg.get("hidden") is None:
-        return {}
-    hidden = cfg["hidden"]
-    if isinstance(hidden, str):
-        hidden = [h for h in hidden.split(",") if h.strip()]
-    elif isinstance(hidden, int):
-        hidden = [hidden]
-    return {"hidden": tuple(int(h) for h in hidden)}
-
-
 def _encoder_state(ckpt, use_ema):
     if not use_ema:
         return ckpt["model"]
@@ -352,8 +340,7 @@ def model_from_checkpoint(ckpt, use_ema=None):
         ckpt = load_checkpoint(ckpt)
     _check_checkpoint(ckpt)
     cfg = ckpt["config"]
-    model = build_backbone(cfg["backbone"], cfg["embedding_size"], in_dim=cfg.get("in_dim"),
-                           **_backbone_kwargs(cfg))
+    model = build_encoder({"hidden": None, "in_dim": None, **cfg})
     try:
         model.load_state_dict(_encoder_state(ckpt, resolve_use_ema(ckpt, use_ema)))
     except RuntimeError as err:
@@ -375,11 +362,7 @@ def dataset_from_config(cfg):
     if cfg.get("data") != "synthetic":
         raise ValueError(f"only synthetic training data can be rebuilt for evaluation; this run used "
                          f"data={cfg.get('data')!r} (evaluate on .bin verification sets instead)")
-    extra = {"noise": cfg["noise"]} if cfg.get("noise") is not None else {}
-    return SyntheticIdentities(cfg["num_classes"], feature_dim=cfg["feature_dim"],
-                               samples_per_class=cfg["samples_per_class"],
-                               mode="image" if cfg["image_mode"] else "feature",
-                               seed=cfg["data_seed"], **extra)
+    return build_dataset({"noise": None, **cfg})
 
 
 # --------------------------------------------------------------------------------------------------

@@ -37,8 +37,10 @@ def build_dataset(cfg):
 def build_encoder(cfg):
     """The encoder named by ``cfg['backbone']`` (after ``build_dataset`` set ``in_dim``)."""
     extra = {}
-    if cfg["backbone"] == "mlp":
-        extra["hidden"] = tuple(int(h) for h in str(cfg["hidden"]).split(",") if h.strip())
+    if cfg["backbone"] == "mlp" and cfg.get("hidden") is not None:  # "512,256", 512 or [512, 256]
+        hidden = cfg["hidden"]
+        parts = hidden.split(",") if isinstance(hidden, str) else [hidden] if isinstance(hidden, int) else hidden
+        extra["hidden"] = tuple(int(h) for h in parts if str(h).strip())
     return build_backbone(cfg["backbone"], cfg["embedding_size"], in_dim=cfg["in_dim"], **extra)
 
 

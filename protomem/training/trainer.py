@@ -240,8 +240,9 @@ class Trainer:
             CSVLog(os.path.join(self.cfg["out"], "eval.csv")).write(row)
             if board is not None:
                 board.scalars(self.step, results, "eval/")
-            (bar.write if bar is not None else print)(
-                f"eval at step {self.step}: " + evaluation.format_results(results))
+            if self.cfg["progress"]:
+                (bar.write if bar is not None else print)(
+                    f"eval at step {self.step}:\n" + evaluation.format_results(results))
         if self.world > 1:
             dist.barrier()
         return results
