@@ -118,12 +118,58 @@ def generic_table(rows):
     return lines
 
 
+def _label(metric):
+    return metric.replace("_tar_at_far_", " TAR@").replace("_rank1", " rank-1").replace("_", " ")
+
+
+def per_provider_table(rows):
+    """Markdown lines: a row per (params, provider), a column per metric (the accuracy bench)."""
+    metrics = list(dict.fromkeys((r["metric"], r["unit"]) for r in rows))
+    cells = {(r["params"], r["provider"], r["metric"]): r for r in rows}
+    lines = [caption(rows, rows[0]["bench"]) + " Configuration: " +
+             "; ".join(dict.fromkeys(r["params"].replace(";", ", ") for r in rows)) + ".", "",
+             "| head | " + " | ".join(f"{_label(m)} ({u})" for m, u in metrics) + " |",
+             "|---|" + "---:|" * len(metrics)]
+    for params, provider in dict.fromkeys((r["params"], r["provider"]) for r in rows):
+        vals = [cells.get((params, provider, m)) for m, _ in metrics]
+        vals = ["" if r is None else "OOM" if is_oom(r) else fmt_value(r["median"]) for r in vals]
+        lines.append(f"| {HEAD_NAMES.get(provider, provider)} | " + " | ".join(vals) + " |")
+    return lines
+
+
+def staleness_table(rows):
+    """Markdown lines: a row per age bin, a column per head: "cos (held %)"."""
+    def split(params):
+        base, _, age = params.partition(";age=")
+        return base, age
+
+    heads = list(dict.fromkeys(r["provider"] for r in rows))
+    cells = {(split(r["params"])[1], r["provider"], r["metric"]): r["median"] for r in rows}
+    ages = list(dict.fromkeys(split(r["params"])[1] for r in rows))
+    lines = [caption(rows, "staleness") + " Configuration: " +
+             "; ".join(dict.fromkeys(split(r["params"])[0].replace(";", ", ") for r in rows)) +
+             ". Cells: mean cos(classifier row, class mean) over the classes the head holds (the % it holds).",
+             "", "| steps since last in a batch | classes | " +
+             " | ".join(HEAD_NAMES.get(h, h) for h in heads) + " |", "|---|---:|" + "---:|" * len(heads)]
+    for age in ages:
+        n = cells.get((age, heads[0], "classes"), math.nan)
+        if not n:
+            continue
+        vals = [f"{fmt_value(cells.get((age, h, 'cos'), math.nan))} ({fmt_value(cells.get((age, h, 'held'), math.nan))}%)"
+                for h in heads]
+        lines.append(f"| {age} | {fmt_value(n)} | " + " | ".join(vals) + " |")
+    return lines
+
+
+_TABLES = {"scale": scale_table, "accuracy": per_provider_table, "staleness": staleness_table}
+
+
 def table(rows, bench):
     """Markdown text of one bench's rows (all of one device), or None when there are none."""
     rows = [r for r in rows if r["bench"] == bench]
     if not rows:
         return None
-    return "\n".join((scale_table if bench == "scale" else generic_table)(rows)) + "\n"
+    return "\n".join(_TABLES.get(bench, generic_table)(rows)) + "\n"
 
 
 def rows_for(results_dir, bench, key):
