@@ -1,11 +1,18 @@
 // margin_ce_fwd / margin_ce_bwd on CPU: the normalised-logit + margin + softmax cross-entropy over
-// column chunks, never holding more than a [B, kChunk] block of logits. Forward keeps a running
-// log-sum-exp per row (all columns, and target columns); backward recomputes each block.
+// column chunks, never holding more than a [B, kChunk] block of cosines. Each block is one GEMM
+// and one fused pass over its elements (at::parallel_for over rows): the forward keeps a running
+// log-sum-exp per row (all columns, and target columns), the backward recomputes the block and
+// turns it into d loss / d cos in place before the two GEMMs of the gradients.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
 #include <cmath>
 #include <limits>
+#include <vector>
 
 #include "../checks.h"
 
@@ -40,20 +47,25 @@ struct Margin {
     return at::where(angle <= M_PI, at::sin(angle) * m1 / sin_theta, at::ones_like(c));
   }
 
-  // `other` with f(cos) where `same` is set. Targets are about one per row, so an angular
-  // margin's acos/cos runs on those entries only, not on the whole [B, C] block.
-  template <typename F>
-  at::Tensor on_targets(const at::Tensor& cos, const at::Tensor& same, const at::Tensor& other,
-                        F f) const {
-    if (additive_only()) return at::where(same, f(cos), other);
-    auto out = other.clone();
-    auto idx = same.nonzero();
-    if (idx.size(0) > 0) {
-      auto r = idx.select(1, 0), c = idx.select(1, 1);
-      out.index_put_({r, c}, f(cos.index({r, c})));
-    }
-    return out;
+  // The same two functions on one cosine, for the fused loops below.
+  template <typename T>
+  T phi1(T c) const {
+    if (additive_only()) return c - static_cast<T>(m3);
+    const T cc = std::min<T>(std::max<T>(c, -1), 1);
+    const T angle = std::acos(cc) * static_cast<T>(m1) + static_cast<T>(m2);
+    return (angle <= static_cast<T>(M_PI) ? std::cos(angle) : c - static_cast<T>(m2 * std::sin(m2))) -
+           static_cast<T>(m3);
   }
+
+  template <typename T>
+  T dphi1(T c) const {
+    if (additive_only()) return 1;
+    const T cc = std::min<T>(std::max<T>(c, -1), 1);
+    const T angle = std::acos(cc) * static_cast<T>(m1) + static_cast<T>(m2);
+    const T sin_theta = std::max<T>(std::sqrt(1 - cc * cc), static_cast<T>(kSinFloor));
+    return angle <= static_cast<T>(M_PI) ? std::sin(angle) * static_cast<T>(m1) / sin_theta : T(1);
+  }
+
 };
 
 void check_margin_ce_args(const at::Tensor& x, const at::Tensor& W, const at::Tensor& row_labels,
@@ -102,26 +114,86 @@ Setup prepare(const at::Tensor& x, const at::Tensor& W, bool normalize_x, bool n
   return st;
 }
 
-struct Block {
-  at::Tensor wh, cos, logits, same;  // [C, D] unit rows, [B, C], [B, C] (-inf where masked), [B, C]
+// Unit rows of W's columns [j0, j1) and their cosines with every row of x: [C, D], [B, C].
+std::pair<at::Tensor, at::Tensor> cos_block(const Setup& st, const at::Tensor& W, int64_t j0, int64_t j1) {
+  auto wh = W.slice(0, j0, j1).to(st.dt) * st.w_inv_norm.slice(0, j0, j1).unsqueeze(1);
+  return {wh, at::matmul(st.xh, wh.t()).contiguous()};
+}
+
+// Running statistics of one row over the columns seen so far: log-sum-exp of all logits and of
+// the target logits as (max, sum of exp(logit - max)), and the best target / other cosine.
+template <typename T>
+struct RowStats {
+  T m_all, s_all, m_t, s_t, best_t, best_o;
 };
 
-Block block(const Setup& st, const at::Tensor& W, const at::Tensor& row_labels,
-            const at::Tensor& col_labels, bool with_pos, const Margin& mg, int64_t j0, int64_t j1) {
-  Block b;
-  b.wh = W.slice(0, j0, j1).to(st.dt) * st.w_inv_norm.slice(0, j0, j1).unsqueeze(1);
-  b.cos = at::matmul(st.xh, b.wh.t());
-  auto lab = col_labels.slice(0, j0, j1).unsqueeze(0);
-  auto live = lab.ge(0);
-  b.same = row_labels.unsqueeze(1).eq(lab).logical_and(live);
-  const double inf = std::numeric_limits<double>::infinity();
-  if (with_pos) {
-    b.logits = (b.cos * mg.s).masked_fill(b.same.logical_or(live.logical_not()), -inf);
+template <typename T>
+inline void online_lse(T& m, T& s, T v) {
+  if (v > m) {
+    s = s * std::exp(m - v) + 1;
+    m = v;
   } else {
-    auto phi = [&](const at::Tensor& c) { return mg.phi(c); };
-    b.logits = mg.on_targets(b.cos, b.same, b.cos, phi).mul_(mg.s).masked_fill(live.logical_not(), -inf);
+    s += std::exp(v - m);
   }
-  return b;
+}
+
+// One pass over a [B, C] block of cosines: each element's logit (margin on targets, masked
+// columns skipped) updates its row's statistics. Fused so the block is read once.
+template <typename T>
+void fwd_block(const T* cos, int64_t B, int64_t C, const int64_t* row_lab, const int64_t* col_lab,
+               bool with_pos, const Margin& mg, RowStats<T>* stats) {
+  const T s = static_cast<T>(mg.s);
+  at::parallel_for(0, B, 8, [&](int64_t r0, int64_t r1) {
+    for (int64_t i = r0; i < r1; ++i) {
+      RowStats<T>& st = stats[i];
+      const T* c = cos + i * C;
+      const int64_t yi = row_lab[i];
+      for (int64_t j = 0; j < C; ++j) {
+        const int64_t l = col_lab[j];
+        if (l < 0) continue;
+        if (l != yi) {
+          online_lse(st.m_all, st.s_all, s * c[j]);
+          st.best_o = std::max(st.best_o, c[j]);
+        } else if (!with_pos) {
+          const T logit = s * mg.phi1(c[j]);
+          online_lse(st.m_all, st.s_all, logit);
+          online_lse(st.m_t, st.s_t, logit);
+          st.best_t = std::max(st.best_t, c[j]);
+        }
+      }
+    }
+  });
+}
+
+// d loss / d cos of a [B, C] block, in place over `cos`: a_i * softmax_ij (+ b_i * target
+// softmax_ij on targets, times d phi / d cos), times s; 0 on masked columns.
+template <typename T>
+void bwd_block(T* cos, int64_t B, int64_t C, const int64_t* row_lab, const int64_t* col_lab,
+               bool with_pos, const Margin& mg, const T* lse, const T* target, const T* a, const T* b) {
+  const T s = static_cast<T>(mg.s);
+  at::parallel_for(0, B, 8, [&](int64_t r0, int64_t r1) {
+    for (int64_t i = r0; i < r1; ++i) {
+      T* c = cos + i * C;
+      const int64_t yi = row_lab[i];
+      for (int64_t j = 0; j < C; ++j) {
+        const int64_t l = col_lab[j];
+        if (l < 0 || (with_pos && l == yi)) {
+          c[j] = 0;
+        } else if (l != yi) {
+          c[j] = a[i] * std::exp(s * c[j] - lse[i]) * s;
+        } else {
+          const T logit = s * mg.phi1(c[j]);
+          const T d = a[i] * std::exp(logit - lse[i]) + b[i] * std::exp(logit - target[i]);
+          c[j] = d * s * mg.dphi1(c[j]);
+        }
+      }
+    }
+  });
+}
+
+template <typename T>
+T finish_lse(T m, T s) {
+  return s > 0 ? m + std::log(s) : -std::numeric_limits<T>::infinity();
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_ce_fwd_cpu(
@@ -132,21 +204,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_ce_fwd_cpu(
   const Margin mg{scale, m1, m2, m3};
   const auto st = prepare(x, W, normalize_x, normalize_w);
   const int64_t B = x.size(0), M = W.size(0);
-  const double inf = std::numeric_limits<double>::infinity();
   auto opts = st.xh.options();
-  auto lse = at::full({B}, -inf, opts), target = at::full({B}, -inf, opts);
-  auto best_target = at::full({B}, -inf, opts), best_other = at::full({B}, -inf, opts);
+  auto lse = at::empty({B}, opts), target = at::empty({B}, opts);
+  auto best_target = at::empty({B}, opts), best_other = at::empty({B}, opts);
   const bool with_pos = pos_cos.has_value();
-  for (int64_t j0 = 0; j0 < M; j0 += kChunk) {
-    const auto b = block(st, W, row_labels, col_labels, with_pos, mg, j0, std::min(M, j0 + kChunk));
-    lse = at::logaddexp(lse, at::logsumexp(b.logits, {1}));
-    auto other = b.cos.masked_fill(b.same.logical_or(b.logits.isinf()), -inf);
-    best_other = at::maximum(best_other, std::get<0>(other.max(1)));
-    if (!with_pos) {
-      target = at::logaddexp(target, at::logsumexp(b.logits.masked_fill(b.same.logical_not(), -inf), {1}));
-      best_target = at::maximum(best_target, std::get<0>(b.cos.masked_fill(b.same.logical_not(), -inf).max(1)));
+  const auto rows = row_labels.contiguous(), cols = col_labels.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(st.dt, "margin_ce_fwd_cpu", [&] {
+    using T = scalar_t;
+    const T inf = std::numeric_limits<T>::infinity();
+    std::vector<RowStats<T>> stats(B, RowStats<T>{-inf, 0, -inf, 0, -inf, -inf});
+    for (int64_t j0 = 0; j0 < M; j0 += kChunk) {
+      const int64_t j1 = std::min(M, j0 + kChunk);
+      const auto cos = cos_block(st, W, j0, j1).second;
+      fwd_block<T>(cos.data_ptr<T>(), B, j1 - j0, rows.data_ptr<int64_t>(),
+                   cols.data_ptr<int64_t>() + j0, with_pos, mg, stats.data());
     }
-  }
+    auto* l = lse.data_ptr<T>();
+    auto* t = target.data_ptr<T>();
+    auto* bt = best_target.data_ptr<T>();
+    auto* bo = best_other.data_ptr<T>();
+    for (int64_t i = 0; i < B; ++i) {
+      l[i] = finish_lse(stats[i].m_all, stats[i].s_all);
+      t[i] = finish_lse(stats[i].m_t, stats[i].s_t);
+      bt[i] = stats[i].best_t;
+      bo[i] = stats[i].best_o;
+    }
+  });
   if (with_pos) {
     auto pos = pos_cos->to(st.dt);
     target = mg.phi(pos) * scale;
@@ -165,27 +248,28 @@ std::tuple<at::Tensor, c10::optional<at::Tensor>, c10::optional<at::Tensor>> mar
   check_margin_ce_args(x, W, row_labels, col_labels, pos_cos);
   const Margin mg{scale, m1, m2, m3};
   const auto st = prepare(x, W, normalize_x, normalize_w);
-  const int64_t M = W.size(0);
+  const int64_t B = x.size(0), M = W.size(0);
   const bool with_pos = pos_cos.has_value();
-  auto a = grad_lse.to(st.dt).unsqueeze(1);
+  auto a = grad_lse.to(st.dt).contiguous();
   // Rows without a target have target = -inf: their target softmax is taken as 0.
-  auto b_row = grad_target.to(st.dt).masked_fill(target.isinf(), 0).unsqueeze(1);
-  auto lse_c = lse.unsqueeze(1), target_c = target.masked_fill(target.isinf(), 0).unsqueeze(1);
+  auto b_row = grad_target.to(st.dt).masked_fill(target.isinf(), 0).contiguous();
+  auto lse_c = lse.to(st.dt).contiguous();
+  auto target_c = target.to(st.dt).masked_fill(target.isinf(), 0).contiguous();
+  const auto rows = row_labels.contiguous(), cols = col_labels.contiguous();
   auto G = at::zeros_like(st.xh);
   at::Tensor grad_w = need_grad_w ? at::empty(W.sizes(), st.xh.options()) : at::Tensor();
   for (int64_t j0 = 0; j0 < M; j0 += kChunk) {
     const int64_t j1 = std::min(M, j0 + kChunk);
-    const auto b = block(st, W, row_labels, col_labels, with_pos, mg, j0, j1);
-    auto dlogit = at::exp(b.logits - lse_c) * a;
-    if (!with_pos) dlogit += at::exp(b.logits - target_c).masked_fill(b.same.logical_not(), 0) * b_row;
-    auto dphi = [&](const at::Tensor& c) { return mg.dphi(c); };
-    auto dcos = with_pos || mg.additive_only()
-                    ? dlogit * scale
-                    : dlogit * mg.on_targets(b.cos, b.same, at::ones_like(b.cos), dphi) * scale;
-    G.add_(at::matmul(dcos, b.wh));
+    auto [wh, dcos] = cos_block(st, W, j0, j1);
+    AT_DISPATCH_FLOATING_TYPES(st.dt, "margin_ce_bwd_cpu", [&] {
+      bwd_block<scalar_t>(dcos.data_ptr<scalar_t>(), B, j1 - j0, rows.data_ptr<int64_t>(),
+                          cols.data_ptr<int64_t>() + j0, with_pos, mg, lse_c.data_ptr<scalar_t>(),
+                          target_c.data_ptr<scalar_t>(), a.data_ptr<scalar_t>(), b_row.data_ptr<scalar_t>());
+    });
+    G.add_(at::matmul(dcos, wh));
     if (need_grad_w) {
       auto H = at::matmul(dcos.t(), st.xh);
-      auto gw = normalize_w ? (H - b.wh * (H * b.wh).sum(1, true)) * st.w_inv_norm.slice(0, j0, j1).unsqueeze(1) : H;
+      auto gw = normalize_w ? (H - wh * (H * wh).sum(1, true)) * st.w_inv_norm.slice(0, j0, j1).unsqueeze(1) : H;
       grad_w.slice(0, j0, j1).copy_(gw);
     }
   }
@@ -193,7 +277,7 @@ std::tuple<at::Tensor, c10::optional<at::Tensor>, c10::optional<at::Tensor>> mar
   c10::optional<at::Tensor> grad_pos, grad_W;
   if (with_pos) {
     auto pos = pos_cos->to(st.dt);
-    auto d_target = a.squeeze(1) * at::exp(target - lse) + b_row.squeeze(1);
+    auto d_target = a * at::exp(target.to(st.dt) - lse_c) + b_row;
     grad_pos = (d_target * mg.dphi(pos) * scale).to(pos_cos->scalar_type());
   }
   if (need_grad_w) grad_W = grad_w.to(W.scalar_type());
