@@ -270,3 +270,12 @@ def test_rejects_m1_other_than_one():
     with pytest.raises(ValueError, match="m1 = 1"):
         triton_mc.margin_ce_fwd_triton(x, W, row, col, None, 10.0, 1.2, 0.0, 0.0, True, True)
 
+
+def test_tune_cli_on_cpu(capsys):
+    from protomem.triton import tune
+
+    tune.main(["--device", DEVICE, "--B", "5", "--M", "70", "--D", "16", "--splits", "auto,2", "--grad-w"])
+    out = capsys.readouterr().out
+    assert out.count("backward:") == 2 and out.count("total:") == 2
+    for k in ("splits=auto (auto: 1)", "fwd B<=8 M<=128 D<=16 bfloat16", "bwd_x", "bwd_w"):
+        assert k in out, k
