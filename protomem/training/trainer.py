@@ -165,7 +165,8 @@ class Trainer:
         params = list(self.head.parameters())
         state = [v for p in params for v in self.optimizer.state.get(p, {}).values()
                  if isinstance(v, torch.Tensor)]
-        return _tensor_bytes(list(self.head.state_dict().values()) + [p.grad for p in params] + state)
+        # parameters and buffers, not state_dict(): that gathers a sharded head's whole weight
+        return _tensor_bytes(params + list(self.head.buffers()) + [p.grad for p in params] + state)
 
     def fit(self, until=None):
         """Trains to the end (or to step ``until``, then saves without the final evaluation, to
