@@ -205,3 +205,12 @@ def test_autocast_bfloat16(name):
         assert enc.weight.grad.abs().sum() > 0 or t == 0  # DCQ's first step: an empty queue
         enc.zero_grad()
         assert abs(low.item() - high.item()) <= 0.05 * abs(high.item()) + 0.05
+
+
+@pytest.mark.parametrize("name", HEADS)
+def test_last_stats_loss_parts_add_up(name):
+    head = HEADS[name]()
+    train(head, None, range(3))
+    s = head.last_stats
+    assert s["loss"] == pytest.approx(s["lse"] - s["target_logit"], rel=1e-5, abs=1e-5)
+    assert 0.0 <= s["accuracy"] <= 1.0 and s["rows"] == 10

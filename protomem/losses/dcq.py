@@ -42,8 +42,8 @@ class DCQLoss(nn.Module):
 
     @property
     def last_stats(self):
-        """Statistics of the last step (one host sync): loss, accuracy (positive beats every
-        negative, without margin), rows, positive_cos (mean cos(q, k)), committed, and the
+        """Statistics of the last step (one host sync): loss and its parts (mean ``lse`` and
+        ``target_logit``), accuracy (positive beats every negative, without margin), rows, positive_cos (mean cos(q, k)), committed, and the
         queue's fill (``ClassQueue.stats``)."""
         out = self._stats.as_dict()
         if out:
@@ -85,9 +85,11 @@ class DCQLoss(nn.Module):
         local = row_loss(lse, target, no_row).sum()
         correct = (best_t >= best_o).sum()
         n_total = torch.tensor(K.shape[0], device=q.device)
-        loss, (n_correct, pos_sum) = global_mean(local, n_total, (correct, pos.detach().sum()))
+        parts = (correct, pos.detach().sum(), lse.detach().sum(), target.detach().sum())
+        loss, (n_correct, pos_sum, lse_sum, target_sum) = global_mean(local, n_total, parts)
         self._pending = (K, Y, ok)
-        self._stats.set(loss=loss, accuracy=n_correct / n_total, rows=n_total,
+        self._stats.set(loss=loss, lse=lse_sum / n_total, target_logit=target_sum / n_total,
+                        accuracy=n_correct / n_total, rows=n_total,
                         positive_cos=pos_sum / n_total, committed=ok)
         return loss
 

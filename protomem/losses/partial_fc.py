@@ -88,9 +88,10 @@ class PartialFCLoss(nn.Module):
 
     @property
     def last_stats(self):
-        """Statistics of the last step (one host sync): loss, accuracy (top-1 over the sampled
-        classes, without margin), rows, sampled (classes used, all ranks), positive_age (mean
-        steps since the batch's classes were last sampled, -1 for never)."""
+        """Statistics of the last step (one host sync): loss and its parts (mean ``lse`` and
+        ``target_logit``), accuracy (top-1 over the sampled classes, without margin), rows,
+        sampled (classes used, all ranks), positive_age (mean steps since the batch's classes were
+        last sampled, -1 for never)."""
         return self._stats.as_dict()
 
     def forward(self, embeddings, labels):
@@ -133,8 +134,8 @@ class PartialFCLoss(nn.Module):
             self.step += 1
         loss, stats = _combine_shards(lse, target, best_t, best_o, (age_sum, sampled))
         n = Y.shape[0]
-        self._stats.set(loss=loss, accuracy=stats[0] / n, rows=n, sampled=stats[2],
-                        positive_age=stats[1] / n)
+        self._stats.set(loss=loss, lse=stats[1] / n, target_logit=stats[2] / n, accuracy=stats[0] / n,
+                        rows=n, sampled=stats[4], positive_age=stats[3] / n)
         return loss
 
     def _sample(self, Y):
@@ -183,13 +184,14 @@ def _combine_shards(lse_r, target_r, best_t, best_o, extra):
     Each rank scored all N rows against its columns. The value is combined exactly (log-sum-exp
     over the ranks); the gradient of each rank's part is its share of the softmax, so the
     gathered embeddings' backward (a sum over ranks) gives the full gradient.
-    Returns (loss, [n_correct, *extra summed over ranks]).
+    Returns (loss, [n_correct, sum of lse, sum of target logits, *extra summed over ranks]).
     """
     n = lse_r.shape[0]
     stats = [s.float() for s in extra]
     if distributed.world()[1] == 1:
         correct = (best_t >= best_o).sum().float()
-        return (lse_r - target_r).sum() / n, torch.stack([correct] + stats)
+        parts = [correct, lse_r.detach().sum().float(), target_r.detach().sum().float()]
+        return (lse_r - target_r).sum() / n, torch.stack(parts + stats)
     both = distributed.all_gather_stack(torch.stack([lse_r.detach(), target_r.detach()]))
     lse, target = torch.logsumexp(both[:, 0], 0), torch.logsumexp(both[:, 1], 0)
     best = distributed.all_reduce(torch.stack([best_t, best_o]), op="max")
@@ -199,4 +201,5 @@ def _combine_shards(lse_r, target_r, best_t, best_o, extra):
     part = (a * lse_r - b * torch.where(finite, target_r, 0.0)).sum()
     loss = ((lse - target).sum() + part - part.detach()) / n
     sums = distributed.all_reduce(torch.stack(stats)) if stats else torch.zeros(0, device=lse.device)
-    return loss, torch.cat([((best[0] >= best[1]).sum().float())[None], sums])
+    parts = torch.stack([(best[0] >= best[1]).sum().float(), lse.sum().float(), target.sum().float()])
+    return loss, torch.cat([parts, sums])

@@ -70,8 +70,9 @@ class PrototypeMemoryLoss(nn.Module):
 
     @property
     def last_stats(self):
-        """Statistics of the last step (one host sync): loss, accuracy (top-1 without margin over
-        the counted rows), rows, skipped_rows, hit_rate (fraction of the batch's classes already in
+        """Statistics of the last step (one host sync): loss and its parts (mean log-sum-exp ``lse``
+        and mean target logit ``target_logit``: loss = lse - target_logit), accuracy (top-1 without
+        margin over the counted rows), rows, skipped_rows, hit_rate (fraction of the batch's classes already in
         memory), refresh_age (mean steps since those were last written), committed (False for a
         skipped non-finite step), and the memory's fill and age (``PrototypeMemory.stats``)."""
         out = self._stats.as_dict()
@@ -135,11 +136,14 @@ class PrototypeMemoryLoss(nn.Module):
             local = local + self._negatives_surrogate(xr, fresh, inv_r, lse, ignored)
         n_total = (~skipped).sum()
         correct = ((best_t >= best_o) & ~ignored).sum()
-        loss, (n_correct,) = global_mean(local, n_total, (correct,))
+        parts = (correct, torch.where(ignored, 0, lse).detach().sum(), torch.where(ignored, 0, target).detach().sum())
+        loss, (n_correct, lse_sum, target_sum) = global_mean(local, n_total, parts)
         with torch.no_grad():
             self.skipped_rows += torch.where(ok, skipped.sum(), 0)
         n_hit = hit.sum()
-        self._stats.set(loss=loss, accuracy=n_correct / n_total.clamp_min(1), rows=n_total,
+        n = n_total.clamp_min(1)
+        self._stats.set(loss=loss, lse=lse_sum / n, target_logit=target_sum / n,
+                        accuracy=n_correct / n, rows=n_total,
                         skipped_rows=skipped.sum(), hit_rate=n_hit / hit.numel(),
                         refresh_age=torch.where(hit, age, 0).sum() / n_hit.clamp_min(1), committed=ok)
         return loss
