@@ -104,3 +104,13 @@ def gather_shards(t, total):
         return t
     sizes = [e - s for s, e in (shard_range(total, r, world_size) for r in range(world_size))]
     return _gather_padded(t, sizes)
+
+
+def sum_gradients_hook(state, bucket):
+    """DDP communication hook (``ddp_model.register_comm_hook(None, sum_gradients_hook)``) that
+    sums the encoder's gradients over the ranks instead of averaging them. The heads return the
+    global-mean loss with its exact gradient w.r.t. each rank's embeddings, so the sum is the
+    gradient of the global mean. (Scaling the loss by the world size instead would also scale the
+    sharded class weights' gradients of Partial FC and the full softmax.)"""
+    fut = dist.all_reduce(bucket.buffer(), async_op=True).get_future()
+    return fut.then(lambda f: f.value()[0])

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(__file__))
-from heads_setup import CASES, STEPS, global_batch, local_rows, make, run_steps  # noqa: E402
+from heads_setup import CASES, STEPS, encoder_gradient, local_rows, make, run_steps  # noqa: E402
 
 
 def main(rank, world, init_file, out_dir, resume_dir=None):
@@ -31,7 +31,8 @@ def main(rank, world, init_file, out_dir, resume_dir=None):
             local = other.weight.detach().clone() if hasattr(other, "weight") else None
             resumed = {"local_weight": local,
                        "steps": run_steps(other, opt2, name, range(STEPS, STEPS + 3), rows)}
-        results[name] = {"steps": steps, "state": state, "resumed": resumed}
+        results[name] = {"steps": steps, "state": state, "resumed": resumed,
+                         "ddp_grad": encoder_gradient(name, rows, ddp=True)}
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()

@@ -51,3 +51,22 @@ def run_steps(head, opt, name, steps, rows):
             opt.zero_grad()
         out.append((loss.item(), x.grad.clone()))
     return out
+
+
+def encoder_gradient(head_name, rows, ddp=False):
+    """The gradient of a Linear encoder's weight after one step of a head on rows ``rows`` of
+    global batch 0; with ``ddp`` the encoder is wrapped in DDP with protomem's sum hook."""
+    import protomem
+
+    torch.manual_seed(0)
+    enc = torch.nn.Linear(D, D)
+    model = enc
+    if ddp:
+        model = torch.nn.parallel.DistributedDataParallel(enc)
+        model.register_comm_hook(None, protomem.distributed.sum_gradients_hook)
+    head, _ = make(head_name)
+    x, k, y = global_batch(0)
+    emb = model(x[rows])
+    loss = head(emb, k[rows], y[rows]) if head_name == "dcq" else head(emb, y[rows])
+    loss.backward()
+    return enc.weight.grad.clone()

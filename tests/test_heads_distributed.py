@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from heads_setup import CASES, STEPS, B, SPLIT, make, run_steps
+from heads_setup import CASES, STEPS, B, SPLIT, encoder_gradient, make, run_steps
 
 pytestmark = pytest.mark.distributed
 HERE = os.path.dirname(__file__)
@@ -90,3 +90,13 @@ def test_checkpoint_from_world_one_loads_in_world_two(runs, name):
         both = torch.cat([r[name]["resumed"]["steps"][t][1] for r in ranks])
         # float32 sums in another order, compounded by 8 SGD steps on the class weights
         torch.testing.assert_close(both, grad, atol=1e-4 * float(grad.abs().max()), rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_ddp_with_the_sum_hook_gives_the_one_process_encoder_gradient(runs, name):
+    """DDP over the encoder with protomem.distributed.sum_gradients_hook: every rank's encoder
+    gradient equals the one-process gradient on the concatenated batch."""
+    _, ranks = runs
+    want = encoder_gradient(name, slice(0, B))
+    for rank in ranks:
+        torch.testing.assert_close(rank[name]["ddp_grad"], want, atol=1e-5 * float(want.abs().max()), rtol=1e-4)

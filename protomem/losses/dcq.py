@@ -61,6 +61,10 @@ class DCQLoss(nn.Module):
         Returns:
             0-d float32 loss, the mean over the global batch. Non-finite q or k give a
             non-finite loss and the queue is left untouched.
+
+        Raises:
+            TypeError / ValueError: bad shapes, dtypes or devices, negative labels (one host sync
+                checks them), before any state changes.
         """
         device = self.queue.keys.device
         check_embeddings(q, self.embedding_size, device, "q")

@@ -35,14 +35,6 @@ def _device(cfg):
     return torch.device("cuda", local)
 
 
-def _sum_gradients_hook(state, bucket):
-    """DDP communication hook: sum (not average) the encoder's gradients over the ranks. The heads
-    already return the global-mean loss whose gradient w.r.t. each rank's rows is exact, so the
-    sum is the gradient of the global mean."""
-    fut = dist.all_reduce(bucket.buffer(), async_op=True).get_future()
-    return fut.then(lambda f: f.value()[0])
-
-
 def _tensor_bytes(tensors):
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
@@ -69,7 +61,7 @@ class Trainer:
         if self.world > 1:
             self.model = torch.nn.parallel.DistributedDataParallel(
                 self.encoder, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-            self.model.register_comm_hook(None, _sum_gradients_hook)
+            self.model.register_comm_hook(None, distributed.sum_gradients_hook)
         self.sampler = IdentityBatchSampler(self.dataset.labels, cfg["identities_per_batch"],
                                             cfg["samples_per_identity"], seed=cfg["seed"],
                                             pairs=cfg["head"] == "dcq")
