@@ -107,7 +107,8 @@ class PrototypeMemoryLoss(nn.Module):
         X, Y, offset = distributed.gather_batch(x, y, with_grad=cross)
         rows = slice(offset, offset + x.shape[0])
         w = X.detach().float().norm(dim=1) if self.quality == "norm" else None
-        classes, protos, inverse = generate_prototypes(X, Y, w)
+        # prototypes carry gradient only when it flows through them (no autograd node otherwise)
+        classes, protos, inverse = generate_prototypes(X if cross else X.detach(), Y, w)
         if classes.shape[0] > mem.memory_size:
             raise ValueError(f"the batch holds {classes.shape[0]} distinct classes but the memory has "
                              f"only {mem.memory_size} slots; use a larger memory_size or fewer "
