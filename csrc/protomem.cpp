@@ -73,6 +73,19 @@ TORCH_LIBRARY(protomem, m) {
         " Tensor col_labels, Tensor? pos_cos, Tensor lse, Tensor target, float scale, float m1,"
         " float m2, float m3, bool normalize_x, bool normalize_w, bool need_grad_w)"
         " -> (Tensor grad_x, Tensor? grad_W, Tensor? grad_pos_cos)");
+  // The softmax of s*cos(x_i, W_j) over each row's *other* columns (label >= 0 and != the row's
+  // label), kept as per-row values (protomem/reference.py::cos_lse_fwd_ref): lse [B], best [B]
+  // (highest other cosine), best_index [B] int64 (its smallest column, -1 if none), direction
+  // [B, D] (softmax-weighted sum of the normalised columns: grad x of lse is O(B D) from it) and
+  // w_inv_norm [M] (1/|W_j|, or ones), computed once and reused by the backward. precision:
+  // "default" (tensor cores with fp32 accumulation on CUDA) or "highest" (fp32 operands).
+  m.def("cos_lse_fwd(Tensor x, Tensor W, Tensor row_labels, Tensor col_labels, float scale,"
+        " bool normalize_x, bool normalize_w, str precision)"
+        " -> (Tensor lse, Tensor best, Tensor best_index, Tensor direction, Tensor w_inv_norm)");
+  // d(sum_i grad_lse_i * lse_i) / dW [M, D] (W's dtype), the tangent projection applied per column.
+  m.def("cos_lse_bwd_w(Tensor grad_lse, Tensor x, Tensor W, Tensor row_labels, Tensor col_labels,"
+        " Tensor lse, Tensor w_inv_norm, float scale, bool normalize_x, bool normalize_w,"
+        " str precision) -> Tensor grad_W");
   // Writes keys [N, D] and labels [N] into the ring at its head, overwriting the oldest.
   m.def("queue_enqueue_(Tensor(a!) queue, Tensor(b!) queue_labels, Tensor(c!) counters,"
         " Tensor keys, Tensor labels) -> ()");

@@ -178,3 +178,69 @@ def margin_cross_entropy_ref(x, W, row_labels, col_labels, pos_cos=None, *, scal
     else:
         loss = per_row.sum() / (~ignored).sum().clamp_min(1)
     return loss, lse, correct
+
+
+def cos_lse_fwd_ref(x, W, row_labels, col_labels, scale, normalize_x=True, normalize_w=True):
+    """Materialising reference of ``cos_lse_fwd``: the softmax of ``scale * cos(x_i, W_j)`` over
+    each row's *other* columns (label >= 0 and != the row's label), reduced to per-row values.
+
+    Args:
+        x: [B, D] float; W: [M, D] float; row_labels: [B] int64; col_labels: [M] int64
+        (negative = empty column); scale: s > 0; normalize_x / normalize_w: L2-normalise the rows
+        of x / W first (else their raw dot products are the "cosines").
+
+    Returns:
+        lse [B]: log-sum-exp of ``s * cos`` over the row's other columns (-inf if none);
+        best [B]: the highest such cosine (-inf if none);
+        best_index [B] int64: the smallest column index reaching ``best`` (-1 if none);
+        direction [B, D]: ``sum_j softmax_ij * w_j * w_inv_norm_j`` (zeros if none), which makes
+            grad x of the lse O(B D): d lse_i / d x_i = s * d/dx_i <x_hat_i, direction_i>;
+        w_inv_norm [M]: 1 / max(|w_j|, 1e-12) with normalize_w, else ones.
+        Floats are float32 (float64 when x or W is float64). No gradient: the op's autograd
+        (protomem/ops/cos_lse.py) differentiates lse through ``direction`` and cos_lse_bwd_w.
+    """
+    dt = torch.float64 if torch.float64 in (x.dtype, W.dtype) else torch.float32
+    xf, wf = x.detach().to(dt), W.detach().to(dt)
+    if normalize_x:
+        xf = F.normalize(xf, dim=1, eps=_EPS)
+    w_inv = (1 / wf.norm(dim=1).clamp_min(_EPS)) if normalize_w else torch.ones_like(wf[:, 0])
+    wh = wf * w_inv[:, None]
+    cos = xf @ wh.T
+    other = (col_labels >= 0)[None, :] & (row_labels[:, None] != col_labels[None, :])
+    neg_inf = torch.tensor(float("-inf"), dtype=dt, device=x.device)
+    logits = torch.where(other, scale * cos, neg_inf)
+    lse = torch.logsumexp(logits, dim=1)
+    has = other.any(dim=1)
+    p = torch.where(has[:, None], torch.exp(logits - torch.where(has, lse, 0)[:, None]), 0)
+    direction = p @ wh
+    masked = torch.where(other, cos, neg_inf)
+    best = masked.amax(dim=1) if masked.shape[1] else torch.full_like(lse, float("-inf"))
+    cols = torch.arange(W.shape[0], device=x.device)
+    hit = other & (masked == best[:, None])
+    big = torch.iinfo(torch.int64).max
+    best_index = torch.where(hit, cols[None, :], big).amin(dim=1) if W.shape[0] else \
+        torch.full_like(row_labels, big)
+    best_index = torch.where(has, best_index, -1)
+    return lse, best, best_index, direction, w_inv
+
+
+def cos_lse_bwd_w_ref(grad_lse, x, W, row_labels, col_labels, lse, scale, normalize_x=True,
+                      normalize_w=True):
+    """Reference of ``cos_lse_bwd_w``: the gradient with respect to W [M, D] of
+    ``sum_i grad_lse_i * lse_i`` for ``lse`` of ``cos_lse_fwd_ref`` (the forward's lse [B] is
+    passed in). Rows without other columns (lse = -inf) or with grad_lse = 0 contribute nothing.
+    Returns grad_W [M, D] in W's dtype."""
+    dt = torch.float64 if torch.float64 in (x.dtype, W.dtype) else torch.float32
+    xf = x.detach().to(dt)
+    w = W.detach().to(dt).requires_grad_(True)
+    xh = F.normalize(xf, dim=1, eps=_EPS) if normalize_x else xf
+    wh = F.normalize(w, dim=1, eps=_EPS) if normalize_w else w
+    cos = xh @ wh.T
+    other = (col_labels >= 0)[None, :] & (row_labels[:, None] != col_labels[None, :])
+    finite = torch.isfinite(lse.to(dt)) | torch.isnan(lse.to(dt))
+    lse_safe = torch.where(finite, lse.to(dt), 0)[:, None]
+    p = torch.where(other & finite[:, None], torch.exp(scale * cos - lse_safe), 0)
+    # d lse_i / d cos_ij = s * p_ij with the forward's lse held fixed (its own gradient cancels)
+    surrogate = (grad_lse.to(dt)[:, None] * scale * p.detach() * cos).sum()
+    (g,) = torch.autograd.grad(surrogate, w)
+    return g.to(W.dtype)
