@@ -13,6 +13,7 @@ import sys
 import torch
 
 from . import evaluation
+from .training import checkpoint
 
 
 def build_parser():
@@ -52,7 +53,7 @@ def _device(name):
 
 
 def _synthetic_results(args, ckpt, model, device):
-    dataset = evaluation.dataset_from_config(ckpt["config"])
+    dataset = checkpoint.dataset_from_config(ckpt["config"])
     groups = evaluation.choose_eval_classes(dataset, args.head_threshold, args.classes_per_group,
                                             args.seed)
     return evaluation.evaluate_identities(
@@ -78,9 +79,9 @@ def evaluate(args):
         ``"<group>/<metric>"`` dict of every evaluation.
     """
     device = _device(args.device)
-    ckpt = evaluation.load_checkpoint(args.checkpoint)
-    use_ema = evaluation.resolve_use_ema(ckpt, args.use_ema)
-    model = evaluation.model_from_checkpoint(ckpt, use_ema=use_ema).to(device)
+    ckpt = checkpoint.load_checkpoint(args.checkpoint)
+    use_ema = checkpoint.resolve_use_ema(ckpt, args.use_ema)
+    model = checkpoint.model_from_checkpoint(ckpt, use_ema=use_ema).to(device)
     synthetic = args.synthetic or not args.bin
     if synthetic and ckpt["config"].get("data") != "synthetic":
         raise ValueError(f"the run trained on {ckpt['config'].get('data')!r}, not synthetic data: "

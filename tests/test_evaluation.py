@@ -15,16 +15,14 @@ from protomem import MomentumEncoder
 from protomem import eval as eval_cli
 from protomem.data import SyntheticIdentities, write_verification_bin
 from protomem.evaluation import (
-    CHECKPOINT_FORMAT,
     choose_eval_classes,
-    dataset_from_config,
     embed,
     evaluate_bin,
     evaluate_identities,
     format_results,
-    model_from_checkpoint,
 )
 from protomem.models import build_backbone
+from protomem.training.checkpoint import CHECKPOINT_FORMAT, dataset_from_config, model_from_checkpoint
 
 # A small long-tailed run: megaface2 counts (3 to ~30 samples), low noise so that a few hundred
 # steps learn it. Head at 10 samples gives ~28 head and ~172 tail classes.
@@ -409,3 +407,11 @@ def test_not_a_checkpoint(tmp_path):
     torch.save([1, 2], path)
     with pytest.raises(ValueError, match="expected a dict"):
         model_from_checkpoint(str(path))
+
+
+def test_library_does_not_import_the_trainer():
+    code = ("import sys, protomem, protomem.evaluation, protomem.metrics; "
+            "print(sorted(m for m in sys.modules if m.startswith('protomem.train')))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
