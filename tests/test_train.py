@@ -36,9 +36,9 @@ def test_options_defaults_file_and_command_line(tmp_path):
 
 
 @pytest.mark.parametrize("change, match", [
-    (dict(head="softmax"), "head must be one of"),
+    (dict(head="softmax"), "argument --head: invalid choice: 'softmax'"),
     (dict(head="pm", samples_per_identity=1), "samples_per_identity >= 2"),
-    (dict(amp="fp8"), "amp must be"),
+    (dict(amp="fp8"), "argument --amp: invalid choice"),
     (dict(identities_per_batch=0), "identities_per_batch must be an int >= 1"),
 ])
 def test_bad_options(change, match):
@@ -47,8 +47,11 @@ def test_bad_options(change, match):
 
 
 def test_bad_data_path(tmp_path):
+    with pytest.raises(ValueError, match="argument --data: .*missing.xyz' does not exist"):
+        tiny(tmp_path, data=str(tmp_path / "missing.xyz"))
+    (tmp_path / "file.xyz").write_text("")  # exists, but is no data set
     with pytest.raises(ValueError, match="data must be 'synthetic'"):
-        Trainer(tiny(tmp_path, data=str(tmp_path / "missing.xyz")))
+        Trainer(tiny(tmp_path, data=str(tmp_path / "file.xyz")))
 
 
 @pytest.mark.parametrize("head", ["pm", "dcq", "pfc"])
@@ -108,7 +111,7 @@ def test_torchrun_two_processes(tmp_path):
             "-m", "protomem.train", "--num-classes", "200", "--samples-per-class", "6",
             "--feature-dim", "16", "--embedding-size", "16", "--hidden", "32",
             "--identities-per-batch", "8", "--eval-classes", "50", "--progress", "false",
-            "--tensorboard", "false", "--out", str(tmp_path), "--max-steps", "6"]
+            "--no-tensorboard", "--out", str(tmp_path), "--max-steps", "6"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     done = subprocess.run(base, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]

@@ -7,6 +7,7 @@ import torch
 from .. import losses, margins
 from ..data import ImageFolderIdentities, RecordIODataset, SyntheticIdentities
 from ..models import build_backbone
+from .config import ConfigError
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -30,7 +31,7 @@ def build_dataset(cfg):
         return RecordIODataset(data)
     if os.path.isdir(data):
         return ImageFolderIdentities(data)
-    raise ValueError(f"data must be 'synthetic', a .rec file, a folder with train.rec, or an image "
+    raise ConfigError(f"argument --data: data must be 'synthetic', a .rec file, a folder with train.rec, or an image "
                      f"folder; {data!r} is none of these")
 
 
@@ -66,6 +67,10 @@ def build_head(cfg, num_classes, device):
     D = cfg["embedding_size"]
     if head == "pm":
         M = _fraction_size(cfg["memory_size"], cfg["memory_fraction"], num_classes)
+        if M < cfg["identities_per_batch"]:
+            raise ConfigError(f"argument --memory-size: the memory ({M} slots) is smaller than the "
+                              f"{cfg['identities_per_batch']} identities of one batch; raise --memory-size "
+                              "(or --memory-fraction) or lower --identities-per-batch")
         return losses.PrototypeMemoryLoss(
             D, M, margin=margin, momentum=cfg["pm_momentum"], policy=cfg["policy"],
             exemplars=cfg["exemplars"], detach_prototypes=cfg["detach_prototypes"],
@@ -76,6 +81,17 @@ def build_head(cfg, num_classes, device):
     if head == "pfc":
         return losses.PartialFCLoss(D, num_classes, cfg["sample_rate"], margin=margin, seed=cfg["seed"], device=device)
     return losses.FullSoftmaxLoss(D, num_classes, margin=margin, seed=cfg["seed"], device=device)
+
+
+def describe_head(head):
+    """'pm, memory 2000 slots'-like words for the start-up summary."""
+    if isinstance(head, losses.PrototypeMemoryLoss):
+        return f"pm (Prototype Memory), memory {head.memory.protos.shape[0]} slots"
+    if isinstance(head, losses.DCQLoss):
+        return f"dcq (Dynamic Class Queue), queue {head.queue.keys.shape[0]} entries"
+    if isinstance(head, losses.FullSoftmaxLoss):
+        return f"full softmax, {head.num_classes} classes"
+    return f"pfc (Partial FC), {head.num_classes} classes, sample rate {head.sample_rate:g}"
 
 
 def build_optimizer(cfg, encoder, head):

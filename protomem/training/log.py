@@ -16,6 +16,21 @@ class CSVLog:
             with open(path, newline="") as f:
                 self._fields = next(csv.reader(f), None)
 
+    def keep_until(self, step):
+        """Drops the rows past ``step`` (those a resumed run will log again); atomic."""
+        if self._fields is None:
+            return
+        with open(self.path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        kept = [r for r in rows if float(r["step"]) <= step]
+        if len(kept) == len(rows):
+            return
+        with open(self.path + ".tmp", "w", newline="") as f:
+            w = csv.DictWriter(f, self._fields)
+            w.writeheader()
+            w.writerows(kept)
+        os.replace(self.path + ".tmp", self.path)
+
     def write(self, row):
         """Appends one row (dict name -> number or string)."""
         new = self._fields is None

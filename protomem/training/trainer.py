@@ -4,6 +4,7 @@ import contextlib
 import math
 import os
 import random
+import sys
 import time
 
 import numpy as np
@@ -13,7 +14,8 @@ import torch.distributed as dist
 from .. import distributed
 from ..data import IdentityBatchSampler, SyntheticIdentities
 from ..losses import MomentumEncoder
-from . import builders
+from . import builders, resume
+from .interrupt import StopRequest, ignore_sigint_in_worker
 from .log import CSVLog, Progress, TensorBoard
 
 FORMAT = "protomem-train-v1"
@@ -76,6 +78,8 @@ class Trainer:
                           if cfg["track_staleness"] else None)
         self.eval_history = []
         self.step_times = []
+        self.window = []  # losses of the steps since the last log row (saved: a resume logs the same rows)
+        self.resumed_from, self.interrupted = None, False
         if cfg["resume"]:
             self._resume(cfg["resume"])
 
@@ -101,7 +105,8 @@ class Trainer:
             else:
                 source = iter(torch.utils.data.DataLoader(
                     self.dataset, batch_sampler=[i.tolist() for i in local],
-                    num_workers=self.cfg["num_workers"], pin_memory=self.device.type == "cuda"))
+                    num_workers=self.cfg["num_workers"], pin_memory=self.device.type == "cuda",
+                    worker_init_fn=ignore_sigint_in_worker if self.cfg["num_workers"] else None))
             for x, y in source:
                 self.batches_done += 1
                 yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
@@ -162,43 +167,78 @@ class Trainer:
 
     def fit(self, until=None):
         """Trains to the end (or to step ``until``, then saves without the final evaluation, to
-        be resumed later), evaluating and saving as configured; returns ``summary()``."""
+        be resumed later), evaluating and saving as configured; returns ``summary()``. A first
+        Ctrl-C (or SIGTERM) stops after the current step, saves and sets ``interrupted``."""
         cfg, out = self.cfg, self.cfg["out"]
         main = self.rank == 0
         if main:
             os.makedirs(out, exist_ok=True)
+            if cfg["progress"] or self.resumed_from:
+                print(self.describe(), file=sys.stderr, flush=True)
         log = CSVLog(os.path.join(out, "log.csv")) if main else None
         board = TensorBoard(os.path.join(out, "tb"), cfg["tensorboard"]) if main else None
         bar = Progress(self.total_steps, self.step, cfg["progress"] and main)
         batches = self._batches()
         stop = self.total_steps if until is None else min(until, self.total_steps)
         rows = cfg["identities_per_batch"] * cfg["samples_per_identity"] * cfg["accum_steps"]
-        window, t0 = [], time.perf_counter()
-        while self.step < stop:
-            window.append(self.train_step(batches))
-            if self.step % cfg["log_every"] == 0 or self.step == stop:
-                self._sync()
-                dt = (time.perf_counter() - t0) / len(window)
-                self.step_times.append(dt)
-                stats = self._log_row(sum(window) / len(window), dt, rows)
-                if main:
-                    log.write(stats)
-                    board.scalars(self.step, stats, "train/")
-                bar.update(len(window), {k: stats[k] for k in ("loss", "accuracy", "samples_per_s", "head_mb")})
-                window, t0 = [], time.perf_counter()
-            if cfg["eval_every"] and self.step % cfg["eval_every"] == 0 and self.step < self.total_steps:
-                self.evaluate(bar, board)
-                t0 = time.perf_counter()
-            if cfg["save_every"] and self.step % cfg["save_every"] == 0:
-                self.save()
-                t0 = time.perf_counter()
-        bar.close()
-        if self.step == self.total_steps:
-            self.evaluate(None, board)
-        self.save()
+        t0 = time.perf_counter()
+        with StopRequest() as request:
+            while self.step < stop:
+                self.window.append(self.train_step(batches))
+                # not at an ``until`` stop: a resumed run logs the same rows as one run
+                if self.step % cfg["log_every"] == 0 or self.step == self.total_steps:
+                    self._sync()
+                    dt = (time.perf_counter() - t0) / len(self.window)
+                    self.step_times.append(dt)
+                    stats = self._log_row(sum(self.window) / len(self.window), dt, rows)
+                    if main:
+                        log.write(stats)
+                        board.scalars(self.step, stats, "train/")
+                    bar.update(len(self.window), {k: stats[k] for k in ("loss", "accuracy", "samples_per_s", "head_mb")})
+                    self.window, t0 = [], time.perf_counter()
+                if cfg["eval_every"] and self.step % cfg["eval_every"] == 0 and self.step < self.total_steps:
+                    self.evaluate(bar, board)
+                    t0 = time.perf_counter()
+                if cfg["save_every"] and self.step % cfg["save_every"] == 0:
+                    self.save()
+                    t0 = time.perf_counter()
+                if request.agreed(self.world, self.device):
+                    self.interrupted = True
+                    break
+            bar.close()
+            evaluated = bool(self.eval_history) and self.eval_history[-1]["step"] == self.step
+            if self.step == self.total_steps and not evaluated:  # a resumed finished run is not evaluated again
+                self.evaluate(None, board)
+            self.save()
         if board is not None:
             board.close()
+        if self.interrupted and main:
+            print(f"protomem-train: interrupted at step {self.step}/{self.total_steps}; saved "
+                  f"{os.path.join(out, 'checkpoint.pt')}. Continue with:\n"
+                  f"  python -m protomem.train --out {out} --resume auto", file=sys.stderr, flush=True)
         return self.summary()
+
+    def describe(self):
+        """The start-up summary: device, steps, batch, head and its size, data (a few lines)."""
+        cfg = self.cfg
+        dev = (torch.cuda.get_device_name(self.device) if self.device.type == "cuda"
+               else f"cpu ({torch.get_num_threads()} threads)")
+        rows = cfg["identities_per_batch"] * cfg["samples_per_identity"]
+        lines = [
+            f"protomem-train: device {dev}" + (f" x {self.world} processes" if self.world > 1 else ""),
+            f"  steps {self.step} -> {self.total_steps} ({self.steps_per_epoch} per epoch); batch "
+            f"{cfg['identities_per_batch']} identities x {cfg['samples_per_identity']} samples = {rows} rows"
+            + (f" x {cfg['accum_steps']} micro-batches" if cfg["accum_steps"] > 1 else ""),
+            f"  head {builders.describe_head(self.head)}, margin {cfg['margin']}; encoder {cfg['backbone']} "
+            f"-> {cfg['embedding_size']}-d; {cfg['optimizer']} lr {cfg['lr']:g}, {cfg['schedule']}, amp {cfg['amp']}",
+            f"  data {cfg['data']}: {self.dataset.num_classes} identities, {len(self.dataset.labels)} samples; "
+            f"out {cfg['out']}",
+        ]
+        if self.resumed_from:
+            changes = cfg.get("resume_changes") or []
+            lines.append(f"  resumed from {self.resumed_from} at step {self.step}; "
+                         + ("changed: " + "; ".join(changes) if changes else "options as saved"))
+        return "\n".join(lines)
 
     def _sync(self):
         if self.device.type == "cuda":
@@ -225,17 +265,17 @@ class Trainer:
                                                         seed=self.cfg["seed"])
                 results.update(evaluation.evaluate_identities(
                     model, self.dataset, groups, heldout_classes=self.cfg["eval_classes"], device=self.device))
-            for path in filter(None, str(self.cfg["val_bins"]).split(",")):
-                r = evaluation.evaluate_bin(model, path.strip(), device=self.device)
+            for path in self.cfg["bin"]:
+                r = evaluation.evaluate_bin(model, path, device=self.device)
                 results.update({f"{r.get('name', path)}/{k}": v for k, v in r.items() if k != "name"})
             row = {"step": self.step, **results}
             self.eval_history.append(row)
             CSVLog(os.path.join(self.cfg["out"], "eval.csv")).write(row)
             if board is not None:
                 board.scalars(self.step, results, "eval/")
-            if self.cfg["progress"]:
-                (bar.write if bar is not None else print)(
-                    f"eval at step {self.step}:\n" + evaluation.format_results(results))
+            # printed with or without the progress bar: --no-progress silences only the bar
+            (bar.write if bar is not None and bar.bar is not None else print)(
+                f"eval at step {self.step}:\n" + evaluation.format_results(results))
         if self.world > 1:
             dist.barrier()
         return results
@@ -243,8 +283,8 @@ class Trainer:
     def summary(self):
         """dict: steps, skipped steps, median ms per step, head memory (MB), last evaluation."""
         times = sorted(self.step_times)
-        return {"steps": self.step, "skipped_steps": self.skipped,
-                "ms_per_step": 1000 * times[len(times) // 2] if times else float("nan"),
+        return {"steps": self.step, "skipped_steps": self.skipped, "interrupted": self.interrupted,
+                "ms_per_step": 1000 * times[len(times) // 2] if times else None,
                 "head_mb": self.head_memory_bytes() / 2**20,
                 "eval": self.eval_history[-1] if self.eval_history else {}}
 
@@ -259,7 +299,8 @@ class Trainer:
                 "head": self.head.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "schedule": self.schedule.state_dict(), "scaler": self.scaler.state_dict(),
                 "sampler": self.sampler.state_dict(self.batches_done) | {"epoch": self.epoch},
-                "step": self.step, "skipped": self.skipped, "rng": rng, "last_seen": self.last_seen}
+                "step": self.step, "skipped": self.skipped, "rng": rng, "last_seen": self.last_seen,
+                "eval_history": self.eval_history, "log_window": list(self.window)}
 
     def save(self, path=None):
         """Writes the checkpoint (rank 0; atomically) to ``path`` or OUT/checkpoint.pt."""
@@ -272,6 +313,18 @@ class Trainer:
         if self.world > 1:
             dist.barrier()
 
+    def _apply_optimizer_options(self):
+        """After loading the optimiser and schedule: this run's lr, momentum and weight decay
+        (a resume may change them) and the schedule's lr at the current step (its length may
+        have changed). With unchanged options this recomputes the saved values exactly."""
+        for group in self.optimizer.param_groups:
+            if "momentum" in group:
+                group["momentum"] = self.cfg["momentum"]
+            group["weight_decay"] = self.cfg["weight_decay"]
+        self.schedule.base_lrs = [self.cfg["lr"] for _ in self.optimizer.param_groups]
+        for group, base, factor in zip(self.optimizer.param_groups, self.schedule.base_lrs, self.schedule.lr_lambdas):
+            group["lr"] = base * factor(self.schedule.last_epoch)
+
     def _resume(self, path):
         if path == "auto":
             path = os.path.join(self.cfg["out"], "checkpoint.pt")
@@ -282,6 +335,7 @@ class Trainer:
         ckpt = torch.load(path, map_location=self.device, weights_only=False)
         if ckpt.get("format") != FORMAT:
             raise ValueError(f"{path} is not a protomem training checkpoint (format {ckpt.get('format')!r})")
+        resume.check_compatible(ckpt["config"], self.cfg, path)
         self.encoder.load_state_dict(ckpt["model"])
         if self.ema is not None:
             self.ema.load_state_dict(ckpt["ema"])
@@ -294,6 +348,13 @@ class Trainer:
         self.step, self.skipped = ckpt["step"], ckpt["skipped"]
         if self.last_seen is not None and ckpt.get("last_seen") is not None:
             self.last_seen.copy_(ckpt["last_seen"])
+        self.eval_history = list(ckpt.get("eval_history", []))
+        self.window = list(ckpt.get("log_window", []))
+        self._apply_optimizer_options()
+        if self.rank == 0:  # rows logged after this checkpoint are logged again from here
+            for name in ("log.csv", "eval.csv"):
+                CSVLog(os.path.join(self.cfg["out"], name)).keep_until(self.step)
+        self.resumed_from = path
         rng = ckpt["rng"]
         torch.set_rng_state(rng["torch"].cpu())
         np.random.set_state(rng["numpy"])
