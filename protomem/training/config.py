@@ -199,8 +199,8 @@ def _old_spellings(values):
     """``val_bins: 'a,b'`` (the old spelling) as ``bin: [a, b]``, with a note; quality 'none' as None."""
     if str(values.get("quality")).lower() == "none":
         values["quality"] = None
-    if "val_bins" in values:
-        old = values.pop("val_bins")
+    old = values.pop("val_bins", "")
+    if old:
         import warnings
 
         warnings.warn("--val-bins a,b is deprecated: use --bin a b (as protomem.eval)", FutureWarning, stacklevel=3)
