@@ -7,7 +7,8 @@ import torch.nn.functional as F
 _EPS = 1e-12
 
 # counters layout of a PrototypeMemory (csrc/memory_layout.h)
-HEAD, STEP, HITS, MISSES, EVICTIONS, REJECTED, TOMBSTONES, REBUILDS = range(8)
+HEAD, STEP, HITS, MISSES, EVICTIONS, REJECTED, TOMBSTONES, REBUILDS, LOST_INSERTS = range(9)
+NUM_COUNTERS = 9
 # counters layout of a ClassQueue
 Q_HEAD, Q_TOTAL, Q_REJECTED = range(3)
 
@@ -43,10 +44,11 @@ def memory_update_ref(protos, slot_labels, stamps, counters, classes, new_protos
                       policy="lru"):
     """Reference of ``memory_update_`` (same arguments less the index); updates protos [M, D],
     slot_labels [M], stamps [M] and counters (head, step, hits, misses, evictions, rejected) in
-    place and returns the [U] int64 slot of each class."""
+    place and returns the [U] int64 slot of each class. Class -1 is padding: skipped, not
+    counted; a head outside [0, M) is taken modulo M."""
     M = protos.shape[0]
     U = classes.shape[0]
-    head, step = int(counters[HEAD]), int(counters[STEP])
+    head, step = int(counters[HEAD]) % M, int(counters[STEP])
     p = new_protos.float()
     old = lookup_ref(slot_labels, classes)
     valid = (classes >= 0) & torch.isfinite(p).all(dim=1)
@@ -80,7 +82,7 @@ def memory_update_ref(protos, slot_labels, stamps, counters, classes, new_protos
     counters[HITS] += int(hit.sum())
     counters[MISSES] += int((valid & ~hit).sum())
     counters[EVICTIONS] += evictions
-    counters[REJECTED] += int((~valid).sum())
+    counters[REJECTED] += int((~valid & (classes != -1)).sum())
     kept = (old >= 0) & (slot_labels[old.clamp_min(0)] == classes)
     return torch.where(valid, slot, torch.where(kept, old, -1))
 
@@ -232,15 +234,16 @@ def cos_lse_bwd_w_ref(grad_lse, x, W, row_labels, col_labels, lse, scale, normal
     Returns grad_W [M, D] in W's dtype."""
     dt = torch.float64 if torch.float64 in (x.dtype, W.dtype) else torch.float32
     xf = x.detach().to(dt)
-    w = W.detach().to(dt).requires_grad_(True)
-    xh = F.normalize(xf, dim=1, eps=_EPS) if normalize_x else xf
-    wh = F.normalize(w, dim=1, eps=_EPS) if normalize_w else w
-    cos = xh @ wh.T
-    other = (col_labels >= 0)[None, :] & (row_labels[:, None] != col_labels[None, :])
-    finite = torch.isfinite(lse.to(dt)) | torch.isnan(lse.to(dt))
-    lse_safe = torch.where(finite, lse.to(dt), 0)[:, None]
-    p = torch.where(other & finite[:, None], torch.exp(scale * cos - lse_safe), 0)
-    # d lse_i / d cos_ij = s * p_ij with the forward's lse held fixed (its own gradient cancels)
-    surrogate = (grad_lse.to(dt)[:, None] * scale * p.detach() * cos).sum()
-    (g,) = torch.autograd.grad(surrogate, w)
+    with torch.enable_grad():  # also when called from a backward
+        w = W.detach().to(dt).requires_grad_(True)
+        xh = F.normalize(xf, dim=1, eps=_EPS) if normalize_x else xf
+        wh = F.normalize(w, dim=1, eps=_EPS) if normalize_w else w
+        cos = xh @ wh.T
+        other = (col_labels >= 0)[None, :] & (row_labels[:, None] != col_labels[None, :])
+        finite = torch.isfinite(lse.to(dt)) | torch.isnan(lse.to(dt))
+        lse_safe = torch.where(finite, lse.to(dt), 0)[:, None]
+        p = torch.where(other & finite[:, None], torch.exp(scale * cos.detach() - lse_safe), 0)
+        # d lse_i / d cos_ij = s * p_ij with the forward's lse held fixed (its own gradient cancels)
+        surrogate = (grad_lse.to(dt)[:, None] * scale * p * cos).sum()
+        (g,) = torch.autograd.grad(surrogate, w)
     return g.to(W.dtype)

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from .. import distributed
 from ..margins import CombinedMargin
 from ..memory import _as_labels as as_labels
+from ..ops.cos_lse import PRECISIONS
 
 _EMBEDDING_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -16,6 +17,13 @@ def check_margin(margin):
         raise TypeError("margin must be a protomem.margins margin (CosFace(s, m), ArcFace(s, m) or "
                         f"CombinedMargin(s, m1, m2, m3)), got {type(margin).__name__}")
     return margin
+
+
+def check_precision(precision):
+    """The precision argument of a head: "default" or "highest" (see margin_cross_entropy)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    return precision
 
 
 def check_embeddings(x, embedding_size, device, name="embeddings"):

@@ -7,7 +7,7 @@ from ..functional import margin_ce_stats
 from ..margins import CosFace
 from ..memory import ClassQueue
 from ._common import StepStats, check_embeddings, check_labels, check_margin, cosine, global_mean
-from ._common import row_loss
+from ._common import check_precision, row_loss
 
 
 class DCQLoss(nn.Module):
@@ -26,14 +26,18 @@ class DCQLoss(nn.Module):
         queue_size: K, the number of entries (the paper: about 10% of the classes).
         margin: a ``protomem.margins`` margin (default CosFace(50, 0.3), as the paper).
         queue_dtype: storage dtype of the queue (float32, bfloat16, float16).
+        precision: "default" (CUDA: tensor-core dots, bfloat16 operands with float32
+            accumulation) or "highest" (float32 operands); see ``margin_cross_entropy``.
         device: where the queue lives.
 
     Under torch.distributed the keys and labels of all ranks are gathered and enqueued on every
     rank, so the queues stay identical; the returned loss is the mean over the global batch.
     """
 
-    def __init__(self, embedding_size, queue_size, margin=None, queue_dtype=torch.float32, device=None):
+    def __init__(self, embedding_size, queue_size, margin=None, queue_dtype=torch.float32,
+                 precision="default", device=None):
         super().__init__()
+        self.precision = check_precision(precision)
         self.margin = check_margin(CosFace(50.0, 0.3) if margin is None else margin)
         self.embedding_size = embedding_size
         self.queue = ClassQueue(queue_size, embedding_size, queue_dtype, device)
@@ -84,7 +88,8 @@ class DCQLoss(nn.Module):
         ok = distributed.all_reduce(bad[None], op="max")[0] == 0  # one rank's NaN skips all
         pos = cosine(q, k)
         lse, target, best_t, best_o = margin_ce_stats(q, self.queue.keys, y, self.queue.labels,
-                                                      pos, **self.margin.params())
+                                                      pos, **self.margin.params(),
+                                                      precision=self.precision)
         no_row = torch.zeros_like(y, dtype=torch.bool)
         local = row_loss(lse, target, no_row).sum()
         correct = (best_t >= best_o).sum()
@@ -120,4 +125,5 @@ class DCQLoss(nn.Module):
         super()._load_from_state_dict(*args, **kwargs)
 
     def extra_repr(self):
-        return f"embedding_size={self.embedding_size}, margin={self.margin}"
+        return (f"embedding_size={self.embedding_size}, margin={self.margin}, "
+                f"precision={self.precision!r}")

@@ -6,7 +6,7 @@ from torch import nn
 from .. import distributed
 from ..functional import margin_ce_stats
 from ..margins import ArcFace
-from ._common import StepStats, check_embeddings, check_labels, check_margin
+from ._common import StepStats, check_embeddings, check_labels, check_margin, check_precision
 
 _M32 = 0xFFFFFFFF
 _INIT_BLOCK = 1 << 16  # rows per block of the seeded initialisation (independent of sharding)
@@ -58,6 +58,9 @@ class PartialFCLoss(nn.Module):
         margin: a ``protomem.margins`` margin (default ArcFace(64, 0.5), as insightface).
         seed: seeds the weight initialisation (N(0, 0.01)) and the sampling.
         dtype, device: of the weight.
+        precision: "default" (CUDA: tensor-core dots, bfloat16 operands with float32
+            accumulation, also for float32 weights) or "highest" (float32 operands); see
+            ``margin_cross_entropy``.
 
     Under torch.distributed the class weights are sharded over the ranks (contiguous ranges);
     embeddings (with gradient) and labels are gathered, each rank scores the global batch
@@ -68,8 +71,9 @@ class PartialFCLoss(nn.Module):
     """
 
     def __init__(self, embedding_size, num_classes, sample_rate=0.1, margin=None, seed=0,
-                 dtype=torch.float32, device=None):
+                 dtype=torch.float32, precision="default", device=None):
         super().__init__()
+        self.precision = check_precision(precision)
         for name, v in (("embedding_size", embedding_size), ("num_classes", num_classes)):
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
@@ -120,7 +124,9 @@ class PartialFCLoss(nn.Module):
         cols = self._sample(Y)
         W = self.weight if cols is None else self.weight[cols]
         col_labels = torch.arange(self.start, self.end, device=X.device) if cols is None else cols + self.start
-        lse, target, best_t, best_o = margin_ce_stats(X, W, Y, col_labels, None, **self.margin.params())
+        lse, target, best_t, best_o = margin_ce_stats(X, W, Y, col_labels, None, **self.margin.params(),
+                                                      target_index=self._target_index(Y, cols),
+                                                      precision=self.precision)
         with torch.no_grad():
             mine = (Y >= self.start) & (Y < self.end)
             seen = self.last_sampled[(Y - self.start).clamp(0, self.end - self.start - 1)]
@@ -137,6 +143,16 @@ class PartialFCLoss(nn.Module):
         self._stats.set(loss=loss, lse=stats[1] / n, target_logit=stats[2] / n, accuracy=stats[0] / n,
                         rows=n, sampled=stats[4], positive_age=stats[3] / n)
         return loss
+
+    def _target_index(self, Y, cols):
+        """Each row's column in this step's (sampled) shard of the weights, -1 when its class is
+        on another rank's shard (every positive of the shard is sampled)."""
+        local = Y - self.start
+        mine = (local >= 0) & (local < self.end - self.start)
+        if cols is None:
+            return torch.where(mine, local, -1)
+        at = torch.searchsorted(cols, local).clamp_max(max(cols.shape[0] - 1, 0))
+        return torch.where(mine & (cols[at] == local), at, -1) if cols.shape[0] else torch.full_like(Y, -1)
 
     def _sample(self, Y):
         """Local row indices of this step's classes (None: all of them)."""
@@ -167,15 +183,17 @@ class PartialFCLoss(nn.Module):
     def extra_repr(self):
         shard = f", shard=[{self.start}, {self.end})" if self.world_size > 1 else ""
         return (f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, "
-                f"sample_rate={self.sample_rate}, margin={self.margin}{shard}")
+                f"sample_rate={self.sample_rate}, margin={self.margin}, "
+                f"precision={self.precision!r}{shard}")
 
 
 class FullSoftmaxLoss(PartialFCLoss):
     """The full margin softmax over every class (an ArcFace/CosFace FC layer): ``PartialFCLoss``
     with ``sample_rate=1.0``; sharded over the ranks under torch.distributed."""
 
-    def __init__(self, embedding_size, num_classes, margin=None, seed=0, dtype=torch.float32, device=None):
-        super().__init__(embedding_size, num_classes, 1.0, margin, seed, dtype, device)
+    def __init__(self, embedding_size, num_classes, margin=None, seed=0, dtype=torch.float32,
+                 precision="default", device=None):
+        super().__init__(embedding_size, num_classes, 1.0, margin, seed, dtype, precision, device)
 
 
 def _combine_shards(lse_r, target_r, best_t, best_o, extra):

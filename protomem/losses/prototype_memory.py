@@ -1,5 +1,7 @@
 """PrototypeMemoryLoss: the margin softmax against a fixed-size memory of class prototypes
 generated from the mini-batches (Smirnov et al., arXiv 2105.02103)."""
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -11,10 +13,20 @@ from ..memory import PrototypeMemory
 from ..ops import generate_prototypes
 from ..reference import STEP
 from ._common import StepStats, check_embeddings, check_labels, check_margin, cosine, global_mean
-from ._common import row_loss
+from ._common import check_precision, row_loss
 
 _EXEMPLARS = ("all", "leave_one_out")
 _QUALITY = (None, "norm")
+
+
+def check_batch_labels(labels):
+    """Negative labels are a ValueError where checking costs no host sync (CPU), or with
+    PROTOMEM_DEBUG=1; on CUDA otherwise their rows are left out of the loss and the memory."""
+    if torch.compiler.is_compiling():
+        return
+    if labels.device.type == "cpu" or os.environ.get("PROTOMEM_DEBUG", "0") not in ("", "0"):
+        if bool((labels < 0).any()):
+            raise ValueError("labels must be non-negative class ids")
 
 
 class PrototypeMemoryLoss(nn.Module):
@@ -43,6 +55,9 @@ class PrototypeMemoryLoss(nn.Module):
         quality: None, or "norm" to weight exemplars by their embedding norm (the quality-aware
             follow-up, arXiv 2311.07734).
         memory_dtype: storage dtype of the prototypes (float32, bfloat16, float16).
+        precision: the margin softmax's dot products, "default" (on CUDA: tensor cores,
+            bfloat16 operands with float32 accumulation, also for a float32 memory) or "highest"
+            (float32 operands; ~10-50x slower on CUDA). See ``margin_cross_entropy``.
         device: where the memory lives.
 
     Under torch.distributed the embeddings (with gradient) and labels of all ranks are gathered,
@@ -53,8 +68,9 @@ class PrototypeMemoryLoss(nn.Module):
 
     def __init__(self, embedding_size, memory_size, margin=None, momentum=0.0, policy="lru",
                  exemplars="all", detach_prototypes=True, quality=None,
-                 memory_dtype=torch.float32, device=None):
+                 memory_dtype=torch.float32, precision="default", device=None):
         super().__init__()
+        self.precision = check_precision(precision)
         if exemplars not in _EXEMPLARS:
             raise ValueError(f"exemplars must be one of {_EXEMPLARS}, got {exemplars!r}")
         if quality not in _QUALITY:
@@ -107,18 +123,21 @@ class PrototypeMemoryLoss(nn.Module):
         X, Y, offset = distributed.gather_batch(x, y, with_grad=cross)
         rows = slice(offset, offset + x.shape[0])
         w = X.detach().float().norm(dim=1) if self.quality == "norm" else None
-        # prototypes carry gradient only when it flows through them (no autograd node otherwise)
-        classes, protos, inverse = generate_prototypes(X if cross else X.detach(), Y, w)
+        check_batch_labels(Y)
+        # prototypes carry gradient only when it flows through them (no autograd node otherwise);
+        # padded to the global batch (class -1 after the batch's classes) so nothing waits for U
+        classes, protos, inverse = generate_prototypes(X if cross else X.detach(), Y, w, padded=True)
         if classes.shape[0] > mem.memory_size:
-            raise ValueError(f"the batch holds {classes.shape[0]} distinct classes but the memory has "
-                             f"only {mem.memory_size} slots; use a larger memory_size or fewer "
-                             "identities per batch")
+            classes, protos = self._fit_to_memory(classes, protos, inverse)
         ok = torch.isfinite(X.detach()).all() & torch.isfinite(protos.detach()).all()
-        prev_slot = mem.lookup(classes)  # before the update: hits, ages and previous prototypes
-        age = mem.counters[STEP] - 1 - mem.stamps[prev_slot.clamp_min(0)]
+        prev = None
+        if cross or self.exemplars != "all":  # previous prototypes, read before the update
+            prev = mem.protos[mem.lookup(classes).clamp_min(0)].float()
+        # slots: each class's slot after the update (the margin CE's target columns)
+        slots, prev_slot, prev_stamp = mem.update(classes, protos.detach(), check=False, commit=ok,
+                                                  with_previous=True)
         hit = prev_slot >= 0
-        prev = mem.protos[prev_slot.clamp_min(0)].float() if (cross or self.exemplars != "all") else None
-        mem.update(classes, protos.detach(), check=False, commit=ok)
+        age = mem.counters[STEP] - ok.long() - 1 - prev_stamp  # steps since its last write
 
         xr, inv_r = (X[rows] if cross else x), inverse[rows]
         pos, fresh, skipped = None, None, torch.zeros_like(Y, dtype=torch.bool)
@@ -129,30 +148,44 @@ class PrototypeMemoryLoss(nn.Module):
         if self.exemplars == "leave_one_out":
             pos, skipped = self._leave_one_out(xr, X, w, inverse, rows, prev, hit, cross)
         row_labels = torch.where(skipped[rows], -1, y)
+        # the memory holds one slot per class: each row's target column is its class's slot
+        target_index = None if pos is not None else slots[inv_r]
         lse, target, best_t, best_o = margin_ce_stats(xr, mem.protos, row_labels, mem.slot_labels,
-                                                      pos, **self.margin.params())
+                                                      pos, **self.margin.params(),
+                                                      target_index=target_index,
+                                                      precision=self.precision)
         ignored = row_labels < 0
         local = row_loss(lse, target, ignored).sum()
         if cross:
-            local = local + self._negatives_surrogate(xr, fresh, inv_r, lse, ignored)
+            local = local + self._negatives_surrogate(xr, fresh, classes, inv_r, lse, ignored)
         n_total = (~skipped).sum()
         correct = ((best_t >= best_o) & ~ignored).sum()
         parts = (correct, torch.where(ignored, 0, lse).detach().sum(), torch.where(ignored, 0, target).detach().sum())
         loss, (n_correct, lse_sum, target_sum) = global_mean(local, n_total, parts)
         with torch.no_grad():
             self.skipped_rows += torch.where(ok, skipped.sum(), 0)
-        n_hit = hit.sum()
+        n_hit, n_classes = hit.sum(), (classes >= 0).sum()
         n = n_total.clamp_min(1)
         self._stats.set(loss=loss, lse=lse_sum / n, target_logit=target_sum / n,
                         accuracy=n_correct / n, rows=n_total,
-                        skipped_rows=skipped.sum(), hit_rate=n_hit / hit.numel(),
+                        skipped_rows=skipped.sum(), hit_rate=n_hit / n_classes.clamp_min(1),
                         refresh_age=torch.where(hit, age, 0).sum() / n_hit.clamp_min(1), committed=ok)
         return loss
 
     def extra_repr(self):
         return (f"embedding_size={self.embedding_size}, margin={self.margin}, "
                 f"exemplars={self.exemplars!r}, detach_prototypes={self.detach_prototypes}, "
-                f"quality={self.quality!r}")
+                f"quality={self.quality!r}, precision={self.precision!r}")
+
+    def _fit_to_memory(self, classes, protos, inverse):
+        """A global batch larger than the memory: its class count must fit (one host sync, only
+        for such batches); then the padding beyond ``memory_size`` rows is dropped."""
+        M = self.memory.memory_size
+        n = int(inverse.max()) + 1
+        if n > M:
+            raise ValueError(f"the batch holds {n} distinct classes but the memory has only {M} "
+                             "slots; use a larger memory_size or fewer identities per batch")
+        return classes[:M], protos[:M]
 
     def _leave_one_out(self, xr, X, w, inverse, rows, prev, hit, cross):
         """Each local row's positive cosine against its class prototype without itself, and which
@@ -160,19 +193,21 @@ class PrototypeMemoryLoss(nn.Module):
         n = F.normalize(X.float() if cross else X.detach().float(), dim=1, eps=1e-12)
         wn = n if w is None else n * w[:, None]
         sums = torch.zeros(prev.shape[0], n.shape[1], device=n.device).index_add(0, inverse, wn)
-        count = torch.bincount(inverse, minlength=prev.shape[0])
+        count = torch.zeros_like(hit, dtype=torch.long).index_add_(0, inverse, torch.ones_like(inverse))
         lone = count[inverse] == 1
         inv_r = inverse[rows]
         others = torch.where(lone[rows, None], prev[inv_r], sums[inv_r] - wn[rows])
         return cosine(xr, others), lone & ~hit[inverse]
 
-    def _negatives_surrogate(self, xr, fresh, inv_r, lse, ignored):
+    def _negatives_surrogate(self, xr, fresh, classes, inv_r, lse, ignored):
         """A term of value 0 whose gradient is that of the loss with respect to the batch's
-        prototypes acting as other rows' negatives (the fused op sees the memory as constants)."""
+        prototypes acting as other rows' negatives (the fused op sees the memory as constants);
+        padding columns (class < 0, never in memory) take no part."""
         s = self.margin.scale
         logits = s * (F.normalize(xr.detach().float(), dim=1, eps=1e-12) @ fresh.T)
         own = torch.arange(fresh.shape[0], device=fresh.device)[None, :] == inv_r[:, None]
-        p = torch.exp(logits.detach() - lse.detach()[:, None]).masked_fill(own | ignored[:, None], 0)
+        out = own | ignored[:, None] | (classes < 0)[None, :]
+        p = torch.exp(logits.detach() - lse.detach()[:, None]).masked_fill(out, 0)
         term = (p * logits).sum()
         return term - term.detach()
 
