@@ -1,0 +1,76 @@
+"""IJB 1:1 verification scores: crop features -> template features (media pooling) -> a cosine per
+template pair, as insightface's ``eval_ijbc.py`` computes them, vectorised and in blocks."""
+import torch
+import torch.nn.functional as F
+
+__all__ = ["crop_features", "template_features", "template_pair_scores"]
+
+
+def crop_features(embeddings, detector_scores=None, norm=True):
+    """The per-crop features that go into the templates (insightface's test modes).
+
+    Args:
+        embeddings: [N, E] float crop embeddings (flip-test sums or not).
+        detector_scores: None, or [N] float faceness scores to weight each crop by (mode "D1").
+        norm: keep each embedding's norm as a quality weight (mode "N1", insightface's default);
+            False: L2-normalise each crop first.
+
+    Returns:
+        float64 [N, E].
+    """
+    x = embeddings.double()
+    if not norm:
+        x = F.normalize(x, dim=1)
+    if detector_scores is not None:
+        x = x * torch.as_tensor(detector_scores, dtype=torch.float64, device=x.device)[:, None]
+    return x
+
+
+def template_features(features, templates, medias):
+    """Media pooling: the mean of a template's crops within each media (a photo, or the frames of
+    one video), summed over its medias, L2-normalised (insightface's ``image2template_feature``;
+    the sum and the mean over medias normalise to the same vector).
+
+    Args:
+        features: [N, E] float crop features (``crop_features``).
+        templates: [N] int64 template id of each crop.
+        medias: [N] int64 media id of each crop.
+
+    Returns:
+        (int64 [T] template ids, ascending; float32 [T, E] normalised template features, row t for
+        template id t), on the features' device.
+    """
+    templates = torch.as_tensor(templates, device=features.device)
+    medias = torch.as_tensor(medias, device=features.device)
+    groups, group_of = torch.unique(torch.stack([templates, medias], 1), dim=0, return_inverse=True)
+    sums = features.new_zeros(groups.shape[0], features.shape[1]).index_add_(0, group_of, features)
+    counts = torch.bincount(group_of, minlength=groups.shape[0]).to(features.dtype)
+    media_means = sums / counts[:, None]
+    ids, template_of = torch.unique(groups[:, 0], return_inverse=True)
+    pooled = features.new_zeros(ids.numel(), features.shape[1]).index_add_(0, template_of, media_means)
+    return ids, F.normalize(pooled, dim=1).float()
+
+
+def template_pair_scores(ids, features, pairs, block_size=65536):
+    """Cosine score of each template pair, ``block_size`` pairs at a time (memory: two gathered
+    [block_size, E] blocks beside the output).
+
+    Args:
+        ids: int64 [T] ascending template ids (``template_features``).
+        features: [T, E] normalised template features.
+        pairs: int64 [P, 2] template ids; every id must be in ``ids``.
+        block_size: pairs per block.
+
+    Returns:
+        [P] scores of the features' dtype, on their device.
+    """
+    pairs = torch.as_tensor(pairs, device=features.device)
+    rows = torch.searchsorted(ids.to(features.device), pairs)
+    if bool((rows >= ids.numel()).any()) or not torch.equal(ids.to(features.device)[
+            rows.clamp(max=ids.numel() - 1)], pairs):
+        raise ValueError("pairs name templates that have no features")
+    out = features.new_empty(pairs.shape[0])
+    for a in range(0, pairs.shape[0], block_size):
+        r = rows[a:a + block_size]
+        out[a:a + r.shape[0]] = torch.einsum("pd,pd->p", features[r[:, 0]], features[r[:, 1]])
+    return out
