@@ -8,7 +8,7 @@ import triton
 import triton.language as tl
 
 from protomem.triton import inspect as pti
-from protomem.triton import sass
+from protomem.triton import offline, sass
 
 
 @triton.jit
@@ -158,3 +158,13 @@ def test_sass_parser_without_tensor_cores_and_out_of_line_block():
     assert sass.find_loops(targets) == [sass.Loop(0x10, 0x40)]
     rep = sass.loop_report(instrs, targets)
     assert rep["rule"] == "mufu" and rep["loop_instrs"] == 4 and rep["loop_cond_instrs"] == 0
+
+
+def test_missing_tool_and_bad_triton_path_are_named(tmp_path):
+    with pytest.raises(pti.ToolMissing, match="no-such-tool not found"):
+        offline.tool_path("no-such-tool")
+    with pytest.raises(FileNotFoundError, match="no triton package"):
+        offline.use_triton_path(str(tmp_path))
+    (tmp_path / "triton").mkdir()
+    with pytest.raises(RuntimeError, match="already imported"):  # this process imported triton
+        offline.use_triton_path(str(tmp_path))
