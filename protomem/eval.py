@@ -2,12 +2,15 @@
 
 On the run's synthetic dataset (rebuilt from the checkpoint's config): TAR@FAR and rank-1 of head,
 tail and unseen identities (``evaluation.evaluate_identities``); on insightface ``.bin`` sets
-(``--bin``): 10-fold verification accuracy (``evaluation.evaluate_bin``). Prints a table and,
-with ``--json``, writes the results (NaN as null).
+(``--bin``): 10-fold verification accuracy (``evaluation.evaluate_bin``); on an IJB-B / IJB-C
+release (``--ijb DIR --ijb-target IJBC``): 1:1 verification TAR at FAR 1e-6 ... 1e-1
+(``evaluation.evaluate_ijb``). Prints a table and, with ``--json``, writes the results (NaN as
+null); ``--roc`` plots the IJB ROC.
 """
 import argparse
 import json
 import math
+import os
 import sys
 
 import torch
@@ -23,8 +26,21 @@ def build_parser():
     p.add_argument("checkpoint", help="a checkpoint written by python -m protomem.train")
     p.add_argument("--bin", nargs="+", default=[], metavar="BIN",
                    help="insightface .bin verification sets (LFW, CFP-FP, AgeDB-30, ...)")
+    p.add_argument("--ijb", metavar="DIR",
+                   help="an IJB-B / IJB-C release folder (loose_crop/, meta/): 1:1 verification")
+    p.add_argument("--ijb-target", type=str.upper, choices=("IJBB", "IJBC"), default="IJBC",
+                   help="which release --ijb holds (its meta files are meta/<target>_*.txt)")
+    p.add_argument("--ijb-norm", action=argparse.BooleanOptionalAction, default=True,
+                   help="ijb: keep embedding norms as quality weights (insightface's N1 mode); "
+                        "--no-ijb-norm normalises each crop")
+    p.add_argument("--ijb-detector-score", action=argparse.BooleanOptionalAction, default=True,
+                   help="ijb: weight crops by their detector score (insightface's D1 mode)")
+    p.add_argument("--workers", type=int, default=0,
+                   help="ijb: processes decoding and aligning crops")
+    p.add_argument("--roc", metavar="PNG", help="ijb: also plot the ROC to this file (matplotlib)")
     p.add_argument("--synthetic", action="store_true",
-                   help="evaluate on the run's synthetic identities (the default without --bin)")
+                   help="evaluate on the run's synthetic identities (the default without --bin "
+                        "or --ijb)")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None,
                    help="default: cuda when available, else cpu")
     p.add_argument("--batch-size", type=int, default=1024, help="inputs per forward pass")
@@ -39,7 +55,7 @@ def build_parser():
     p.add_argument("--use-ema", action=argparse.BooleanOptionalAction, default=None,
                    help="evaluate the momentum (EMA) encoder; default: when saved and head is dcq")
     p.add_argument("--no-flip", dest="flip", action="store_false",
-                   help=".bin: no flip test")
+                   help=".bin and ijb: no flip test")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     return p
 
@@ -71,25 +87,41 @@ def _bin_results(args, model, device):
     return results
 
 
+def _ijb_results(args, model, device):
+    values = evaluation.evaluate_ijb(model, args.ijb, args.ijb_target, batch_size=args.batch_size,
+                                     device=device, flip=args.flip, norm=args.ijb_norm,
+                                     detector_score=args.ijb_detector_score, workers=args.workers)
+    name, (far, tar) = values.pop("name"), values.pop("roc")
+    if args.roc:
+        evaluation.ijb.plot_roc({f"{name} ({os.path.basename(args.checkpoint)})": (far, tar)},
+                                args.roc, title=f"{name} 1:1 verification", marks=evaluation.ijb.IJB_FARS)
+    results = {f"{name}/{key}": value for key, value in values.items()}
+    return results, {"far": far.tolist(), "tar": tar.tolist()}
+
+
 def evaluate(args):
     """Runs the evaluations ``args`` (parsed by ``build_parser``) ask for.
 
     Returns:
         dict with ``checkpoint`` (path), ``encoder`` ("ema" or "model") and ``results``, the flat
-        ``"<group>/<metric>"`` dict of every evaluation.
+        ``"<group>/<metric>"`` dict of every evaluation; with ``--ijb`` also ``roc`` (lists ``far``
+        and ``tar``).
     """
     device = _device(args.device)
     ckpt = checkpoint.load_checkpoint(args.checkpoint)
     use_ema = checkpoint.resolve_use_ema(ckpt, args.use_ema)
     model = checkpoint.model_from_checkpoint(ckpt, use_ema=use_ema).to(device)
-    synthetic = args.synthetic or not args.bin
+    synthetic = args.synthetic or not (args.bin or args.ijb)
     if synthetic and ckpt["config"].get("data") != "synthetic":
         raise ValueError(f"the run trained on {ckpt['config'].get('data')!r}, not synthetic data: "
-                         f"pass --bin to evaluate on verification sets")
+                         f"pass --bin or --ijb to evaluate on verification sets")
     results = _synthetic_results(args, ckpt, model, device) if synthetic else {}
     results.update(_bin_results(args, model, device))
-    return {"checkpoint": args.checkpoint, "encoder": "ema" if use_ema else "model",
-            "results": results}
+    report = {"checkpoint": args.checkpoint, "encoder": "ema" if use_ema else "model"}
+    if args.ijb:
+        ijb_results, report["roc"] = _ijb_results(args, model, device)
+        results.update(ijb_results)
+    return {**report, "results": results}
 
 
 def _json_safe(value):
@@ -101,6 +133,8 @@ def main(argv=None):
     with status 2 and a message (argparse's ``error``)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.roc and not args.ijb:
+        parser.error("--roc plots the IJB ROC: pass --ijb DIR too")
     try:
         report = evaluate(args)
     except (FileNotFoundError, ValueError) as err:

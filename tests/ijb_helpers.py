@@ -31,16 +31,16 @@ def crop_of(face, to_crop, size):
     return warp_affine(face, to_crop, size), apply(to_crop, ARCFACE_TEMPLATE)
 
 
-def make_protocol(identities, templates_per_identity, seed):
-    """Rows (identity, template, media) of crops and the template list: each template holds 1-4
-    crops from 1-3 medias (a media can hold several crops, like video frames)."""
+def make_protocol(identities, templates_per_identity, seed, max_medias=3):
+    """Rows (identity, template, media) of crops and the template list: each template holds 1 to
+    ``max_medias`` medias of 1-2 crops each (a media can hold several crops, like video frames)."""
     gen = torch.Generator().manual_seed(seed)
     rows, template_identity = [], []
     for ident in range(identities):
         for _ in range(templates_per_identity):
             tid = 100 + 7 * len(template_identity)         # ids need not be dense
             template_identity.append((tid, ident))
-            n_medias = int(torch.randint(1, 4, (1,), generator=gen))
+            n_medias = int(torch.randint(1, max_medias + 1, (1,), generator=gen))
             for m in range(n_medias):
                 mid = 5000 + 11 * tid + m
                 for _ in range(int(torch.randint(1, 3, (1,), generator=gen))):
@@ -48,11 +48,11 @@ def make_protocol(identities, templates_per_identity, seed):
     return rows, template_identity
 
 
-def write_ijb_set(root, target="IJBC", identities=4, templates_per_identity=2, seed=0):
+def write_ijb_set(root, target="IJBC", identities=4, templates_per_identity=2, seed=0, max_medias=3):
     """Writes ``root/loose_crop`` and ``root/meta/<target>_*.txt``; every pair of templates is a
     verification pair. Returns dict: rows (identity, template, media per crop), names, landmarks
     [N, 5, 2], scores [N], pairs [P, 3] (t1, t2, label)."""
-    rows, template_identity = make_protocol(identities, templates_per_identity, seed)
+    rows, template_identity = make_protocol(identities, templates_per_identity, seed, max_medias)
     ds = SyntheticIdentities(identities, mode="image", samples_per_class=16, noise=0.3, seed=seed)
     gen = torch.Generator().manual_seed(seed + 1)
     os.makedirs(os.path.join(root, "loose_crop"), exist_ok=True)

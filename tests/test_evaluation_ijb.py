@@ -257,3 +257,67 @@ def test_evaluate_ijb_end_to_end(release, capsys):
     no_flip = evaluate_ijb(model, root, "IJBC", flip=False, progress=False)
     assert model.images == n
     assert 0.0 <= no_flip["tar@far=1e-1"] <= 1.0
+
+
+# --------------------------------------------------------------------------------------------------
+# the command line, on a tiny trained checkpoint
+
+
+def tiny_trained_iresnet(root, target, steps=1):
+    """iresnet18 (16-d) after a few SGD steps of a cosine classifier on the release's aligned crops,
+    identities as classes."""
+    from protomem.data._image import to_float
+    from protomem.evaluation.ijb import AlignedCrops
+    from protomem.models import build_backbone
+    meta = read_ijb_meta(root, target)
+    x = to_float(torch.stack([AlignedCrops(meta)[i] for i in range(len(meta.names))]))
+    _, y = meta.templates.unique(return_inverse=True)
+    y = y // 2                                            # 2 templates per identity
+    torch.manual_seed(0)
+    model = build_backbone("iresnet18", 16)
+    weights = nn.Parameter(torch.randn(int(y.max()) + 1, 16) * 0.1)
+    opt = torch.optim.SGD(list(model.parameters()) + [weights], lr=0.05, momentum=0.9)
+    for _ in range(steps):
+        logits = 16 * nn.functional.normalize(model(x)) @ nn.functional.normalize(weights).T
+        loss = nn.functional.cross_entropy(logits, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+def test_cli_ijb_dcq_checkpoint(tmp_path, capsys):
+    import json
+
+    from protomem import MomentumEncoder
+    from protomem import eval as eval_cli
+    from protomem.models import build_backbone
+    from protomem.training.checkpoint import CHECKPOINT_FORMAT
+    root = str(tmp_path / "IJBB")
+    write_ijb_set(root, "IJBB", identities=2, templates_per_identity=2, seed=4, max_medias=1)
+    trained = tiny_trained_iresnet(root, "IJBB")
+    config = dict(backbone="iresnet18", embedding_size=16, in_dim=None, hidden=None, head="dcq",
+                  data="/data/faces")
+    path = str(tmp_path / "dcq.pt")
+    # a DCQ run evaluates its momentum encoder: "model" holds other weights
+    torch.save({"format": CHECKPOINT_FORMAT, "config": config,
+                "model": build_backbone("iresnet18", 16).state_dict(),
+                "ema": MomentumEncoder(trained).state_dict()}, path)
+    out_json, roc = tmp_path / "r.json", tmp_path / "roc.png"
+    assert eval_cli.main([path, "--ijb", root, "--ijb-target", "ijbb", "--no-ijb-detector-score",
+                          "--batch-size", "8", "--json", str(out_json), "--roc", str(roc)]) == 0
+    captured = capsys.readouterr()
+    assert "IJBB" in captured.out and "tar@far=1e-1" in captured.out and "images/s" in captured.err
+    report = json.loads(out_json.read_text())
+    assert report["encoder"] == "ema"
+    expected = evaluate_ijb(trained, root, "IJBB", detector_score=False, progress=False)
+    for key in ("images", "templates", "pairs", "genuine", *(f"tar@far=1e-{k}" for k in range(1, 7))):
+        got, want = report["results"][f"IJBB/{key}"], expected[key]
+        assert (got is None and np.isnan(want)) or got == want, key
+    assert report["roc"]["far"] == expected["roc"][0].tolist()
+    assert roc.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(SystemExit):
+        eval_cli.main([path, "--roc", str(roc)])
+    with pytest.raises(SystemExit):
+        eval_cli.main([path, "--ijb", str(tmp_path / "missing")])
+    assert "no such IJB folder" in capsys.readouterr().err
