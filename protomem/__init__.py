@@ -5,7 +5,7 @@ from ._version import __version__
 
 _C = load_extension()
 
-from . import distributed, functional, margins, metrics, ops, reference  # noqa: E402
+from . import distributed, functional, margins, metrics, models, ops, reference, staleness  # noqa: E402
 from .losses import (  # noqa: E402
     DCQLoss,
     FullSoftmaxLoss,
@@ -56,6 +56,8 @@ __all__ = [
     "functional",
     "margins",
     "metrics",
+    "models",
     "ops",
     "reference",
+    "staleness",
 ]

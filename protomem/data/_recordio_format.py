@@ -234,6 +234,8 @@ class RecordIOWriter:
     def __init__(self, path_rec, path_idx=None):
         self.path_rec = os.fspath(path_rec)
         self.path_idx = _default_idx(self.path_rec) if path_idx is None else os.fspath(path_idx)
+        for path in (self.path_rec, self.path_idx):  # write_recordio("out/train", ...) creates out/
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         self._file = open(self.path_rec, "wb")
         self.offsets, self._sizes = {}, {}
 
