@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
+#include <cstdlib>
 #include <string>
 
 #include "memory_layout.h"
@@ -130,6 +131,32 @@ inline void check_memory_update_args(const at::Tensor& protos, const at::Tensor&
   TORCH_CHECK_VALUE(momentum >= 0.0 && momentum <= 1.0, "momentum must be in [0, 1], got ",
                     momentum);
   check_policy(policy);
+}
+
+// The optional commit switch of memory_update_: a one-element bool tensor on the memory's device.
+inline void check_commit(const c10::optional<at::Tensor>& commit, const at::Tensor& protos) {
+  if (!commit.has_value()) return;
+  check_dtype(*commit, at::kBool, "commit");
+  TORCH_CHECK_VALUE(commit->numel() == 1, "commit must hold one element, got shape ",
+                    commit->sizes());
+  check_same_device(*commit, protos, "commit", "protos");
+}
+
+// PROTOMEM_DEBUG=1 turns on the checks that cost a host sync on CUDA.
+inline bool debug_checks_enabled() {
+  const char* v = std::getenv("PROTOMEM_DEBUG");
+  return v != nullptr && v[0] != '\0' && std::string(v) != "0";
+}
+
+// Two equal class ids >= 0 in one update would race on CUDA (two warps writing one row, two index
+// entries for one key); the op does not check this unless debugging (the check syncs on CUDA).
+inline void check_distinct_classes(const at::Tensor& classes) {
+  if (classes.numel() < 2) return;
+  auto sorted = std::get<0>(at::sort(classes));
+  auto next = sorted.narrow(0, 1, sorted.numel() - 1);
+  auto repeated = next.eq(sorted.narrow(0, 0, sorted.numel() - 1)).logical_and_(next.ge(0));
+  TORCH_CHECK_VALUE(!repeated.any().item<bool>(),
+                    "classes must be distinct (PROTOMEM_DEBUG check): a class id >= 0 appears twice");
 }
 
 // ClassQueue state: queue [K, D], queue_labels [K], counters [kNumQueueCounters]; and the rows

@@ -14,10 +14,8 @@ struct ClassSegments {
   at::Tensor offsets;  // [U + 1] int64, rows of class u are order[offsets[u]:offsets[u+1]]
 };
 
-// Validates generate_prototypes' inputs and groups rows by class. Costs one host sync on CUDA:
-// the number of classes U is data dependent, and the same sync checks the values.
-inline ClassSegments class_segments(const at::Tensor& x, const at::Tensor& labels,
-                                    const c10::optional<at::Tensor>& weights) {
+inline void check_generate_args(const at::Tensor& x, const at::Tensor& labels,
+                                const c10::optional<at::Tensor>& weights) {
   check_dim(x, 2, "x");
   check_float_dtype(x, "x");
   check_dim(labels, 1, "labels");
@@ -30,6 +28,35 @@ inline ClassSegments class_segments(const at::Tensor& x, const at::Tensor& label
     check_size(*weights, 0, x.size(0), "weights", "x.size(0)");
     check_same_device(*weights, x, "weights", "x");
   }
+}
+
+// Segments padded to the batch: U = B, class u < (number of classes) as above, then class -1
+// with an empty segment (offsets B). Shapes do not depend on the data: no host sync.
+inline ClassSegments padded_class_segments(const at::Tensor& labels) {
+  const int64_t B = labels.size(0);
+  ClassSegments seg;
+  auto sorted = at::sort(labels, /*stable=*/true, /*dim=*/0, /*descending=*/false);
+  const auto& values = std::get<0>(sorted);
+  seg.order = std::get<1>(sorted);
+  auto starts = at::ones({B}, labels.options());
+  if (B > 1) {
+    starts.narrow(0, 1, B - 1).copy_(values.narrow(0, 1, B - 1).ne(values.narrow(0, 0, B - 1)));
+  }
+  auto class_of_sorted = at::cumsum(starts, 0).sub_(1);  // [B] class index of each sorted row
+  seg.classes = at::full({B}, kEmptyKey, labels.options()).scatter_(0, class_of_sorted, values);
+  seg.inverse = at::empty_like(labels).scatter_(0, seg.order, class_of_sorted);
+  seg.offsets = at::full({B + 1}, B, labels.options())
+                    .scatter_reduce_(0, class_of_sorted, at::arange(B, labels.options()), "amin");
+  return seg;
+}
+
+// Validates generate_prototypes' inputs and groups rows by class. Costs one host sync on CUDA:
+// the number of classes U is data dependent, and the same sync checks the values. padded: no
+// sync and no check of the values (see padded_class_segments).
+inline ClassSegments class_segments(const at::Tensor& x, const at::Tensor& labels,
+                                    const c10::optional<at::Tensor>& weights, bool padded) {
+  check_generate_args(x, labels, weights);
+  if (padded) return padded_class_segments(labels);
   ClassSegments seg;
   auto sorted = at::sort(labels, /*stable=*/true, /*dim=*/0, /*descending=*/false);
   seg.order = std::get<1>(sorted);

@@ -25,7 +25,8 @@ enum MemoryCounter : int64_t {
   kRejected = 5,    // rows never written (non-finite prototype or negative class id)
   kTombstones = 6,  // deleted index entries not yet reused (internal: layout dependent)
   kRebuilds = 7,    // index rebuilds triggered by tombstones (internal: layout dependent)
-  kNumMemoryCounters = 8,
+  kLostInserts = 8, // index inserts that found no free entry (0 unless the state was corrupted)
+  kNumMemoryCounters = 9,
 };
 
 // Entries of the int64 `counters` tensor of a ClassQueue.
@@ -63,10 +64,28 @@ PM_HOST_DEVICE int64_t index_find(const int64_t* keys, int64_t capacity, int64_t
   return -1;
 }
 
-// The index is rebuilt once tombstones exceed a quarter of the table. Live keys never exceed
-// M <= capacity / 2, so live + tombstones stays below 3/4 and every probe meets an empty key.
-PM_HOST_DEVICE bool needs_rebuild(int64_t tombstones, int64_t capacity) {
-  return tombstones * 4 > capacity;
+// Outcome of inserting an absent key.
+enum InsertResult : int { kInsertedEmpty = 0, kInsertedTomb = 1, kInsertFailed = -1 };
+
+// Live keys never exceed M <= capacity / 2. A step inserts its `inserts` new classes only when
+// tombstones + inserts <= capacity / 4, so live + tombstones stays at or below 3/4 of the table
+// and every probe meets an empty key; otherwise it writes no index entry and rebuilds the index
+// from the slot labels instead (which also clears the tombstones).
+PM_HOST_DEVICE bool index_rebuild_due(int64_t tombstones, int64_t inserts, int64_t capacity) {
+  return (tombstones + inserts) * 4 > capacity;
+}
+
+// The ring head as the op uses it: a stored head outside [0, M) (a hand edit, a state from a
+// memory of another size) is wrapped into range instead of indexing out of bounds.
+PM_HOST_DEVICE int64_t ring_head(int64_t head, int64_t num_slots) {
+  return ((head % num_slots) + num_slots) % num_slots;
+}
+
+// Scratch of the CUDA memory_update_ for U classes of dimension D, in int64 elements: six [U]
+// rows, eight scalars and the [U, D] float32 refreshed prototypes. protomem/ops/memory_update.py
+// mirrors this formula.
+PM_HOST_DEVICE int64_t memory_workspace_numel(int64_t U, int64_t D) {
+  return 6 * U + 8 + (U * D + 1) / 2;
 }
 
 }  // namespace protomem

@@ -51,13 +51,18 @@ PYBIND11_MODULE(_C, m) {
 
 TORCH_LIBRARY(protomem, m) {
   // x [B, D] float, labels [B] int64, weights [B] float? ->
-  //   classes [U] int64 sorted unique, protos [U, D] float32 (float64 for float64 x), inverse [B]
-  m.def("generate_prototypes(Tensor x, Tensor labels, Tensor? weights=None)"
+  //   classes [U] int64 sorted unique, protos [U, D] float32 (float64 for float64 x), inverse [B];
+  //   padded: U = B, the classes first and then -1 with zero prototypes (no host sync, no checks)
+  m.def("generate_prototypes(Tensor x, Tensor labels, Tensor? weights=None, bool padded=False)"
         " -> (Tensor classes, Tensor protos, Tensor inverse)");
-  // Updates the memory with the U classes of a step; returns each class's slot (or -1).
+  // Updates the memory with the U classes of a step (class -1: padding). Returns [3, U] int64:
+  // each class's slot after the update, its slot before it, and that slot's stamp before it (-1
+  // where absent). commit: a bool on the device, the update is applied only where true;
+  // workspace: int64 scratch of the CUDA kernels, reused across calls (unused on CPU).
   m.def("memory_update_(Tensor(a!) protos, Tensor(b!) slot_labels, Tensor(c!) stamps,"
         " Tensor(d!) index_keys, Tensor(e!) index_vals, Tensor(f!) counters, Tensor classes,"
-        " Tensor new_protos, float momentum, str policy) -> Tensor");
+        " Tensor new_protos, float momentum, str policy, Tensor? commit=None,"
+        " Tensor(g!)? workspace=None) -> Tensor");
   // labels (any shape) int64 -> slots (same shape) int64, -1 where absent.
   m.def("lookup(Tensor index_keys, Tensor index_vals, Tensor labels) -> Tensor");
   // Rebuilds the index from slot_labels (after a load, or to clear tombstones).

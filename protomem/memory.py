@@ -11,8 +11,9 @@ from .ops import (
     queue_enqueue_,
     rebuild_index_,
 )
-from .reference import EVICTIONS, HEAD, HITS, MISSES, Q_HEAD, Q_REJECTED, Q_TOTAL, REBUILDS
-from .reference import REJECTED, STEP, TOMBSTONES
+from .ops.memory_update import workspace_numel
+from .reference import EVICTIONS, HEAD, HITS, LOST_INSERTS, MISSES, NUM_COUNTERS, Q_HEAD
+from .reference import Q_REJECTED, Q_TOTAL, REBUILDS, REJECTED, STEP, TOMBSTONES
 
 _POLICIES = ("lru", "fifo")
 _STORAGE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -75,15 +76,17 @@ class PrototypeMemory(nn.Module):
         self.register_buffer("stamps", torch.zeros(memory_size, **long))
         self.register_buffer("index_keys", torch.full((capacity,), -1, **long))
         self.register_buffer("index_vals", torch.full((capacity,), -1, **long))
-        self.register_buffer("counters", torch.zeros(8, **long))
+        self.register_buffer("counters", torch.zeros(NUM_COUNTERS, **long))
+        self._workspace = None  # the CUDA update's scratch, grown on demand (not state)
         self.register_load_state_dict_post_hook(PrototypeMemory._rebuild_after_load)
 
     @torch.no_grad()
-    def update(self, classes, prototypes, check=True, commit=None):
+    def update(self, classes, prototypes, check=True, commit=None, with_previous=False):
         """Refreshes or enqueues the prototypes of one step's distinct classes.
 
         Args:
-            classes: [U] int64/int32 distinct class ids >= 0, U <= memory_size.
+            classes: [U] int64/int32 distinct class ids >= 0, U <= memory_size; -1 marks padding
+                (skipped, not counted) when ``check`` is False.
             prototypes: [U, D] floating (written L2-normalised). Rows that are not finite are
                 skipped and counted in ``stats()["rejected"]``.
             check: verify that ``classes`` are distinct and non-negative first (one host sync on
@@ -91,9 +94,11 @@ class PrototypeMemory(nn.Module):
             commit: optional 0-d bool tensor on the memory's device; where it is False the memory
                 (prototypes, labels, stamps, index and counters) is left exactly as it was,
                 without a host sync (a skipped step, e.g. non-finite embeddings).
+            with_previous: also return each class's slot and stamp before the update.
 
         Returns:
-            [U] int64 slot of each class (-1 for a skipped class no longer held).
+            [U] int64 slot of each class (-1 for a skipped class no longer held); with
+            ``with_previous``, (slots, previous slots, previous stamps), -1 where absent before.
 
         Raises:
             ValueError / TypeError: bad shapes, dtypes, devices, U > memory_size, negative or
@@ -105,15 +110,21 @@ class PrototypeMemory(nn.Module):
                 raise ValueError("classes must be non-negative class ids")
             if classes.unique().numel() != classes.numel():
                 raise ValueError("classes must be distinct; use update_from_batch for raw labels")
-        if commit is not None:  # an all-NaN step writes no slot; the counters are put back
-            prototypes = torch.where(commit, prototypes, float("nan"))
-            saved = self.counters.clone()
-        slots = memory_update_(self.protos, self.slot_labels, self.stamps, self.index_keys,
-                               self.index_vals, self.counters, classes, prototypes,
-                               self.momentum, self.policy)
-        if commit is not None:
-            self.counters.copy_(torch.where(commit, self.counters, saved))
-        return slots
+        return memory_update_(self.protos, self.slot_labels, self.stamps, self.index_keys,
+                              self.index_vals, self.counters, classes, prototypes, self.momentum,
+                              self.policy, commit=commit, workspace=self._scratch(classes.shape[0]),
+                              with_previous=with_previous)
+
+    def _scratch(self, num_classes):
+        """The CUDA update's workspace for ``num_classes`` classes, kept between calls (None on
+        CPU, which needs none, and while compiling, where the op allocates its own)."""
+        if self.protos.device.type != "cuda" or torch.compiler.is_compiling():
+            return None
+        need = workspace_numel(num_classes, self.embedding_size)
+        ws = self._workspace
+        if ws is None or ws.numel() < need or ws.device != self.protos.device:
+            self._workspace = ws = torch.empty(need, dtype=torch.long, device=self.protos.device)
+        return ws
 
     def update_from_batch(self, x, labels, weights=None):
         """Generates the batch's class prototypes and writes them into the memory.
@@ -155,8 +166,9 @@ class PrototypeMemory(nn.Module):
         """Occupancy and traffic (one host sync).
 
         Returns:
-            dict: size, filled, step, hits, misses, evictions, rejected, index_rebuilds,
-            mean_age and max_age (in steps since each filled slot was last written; 0 if empty).
+            dict: size, filled, step, head, hits, misses, evictions, rejected, index_rebuilds,
+            lost_inserts (index inserts that found no free entry: 0 unless the state was
+            corrupted), mean_age and max_age (in steps since each filled slot was last written; 0 if empty).
         """
         c = self.counters.tolist()
         filled = self.slot_labels >= 0
@@ -172,9 +184,23 @@ class PrototypeMemory(nn.Module):
             "evictions": c[EVICTIONS],
             "rejected": c[REJECTED],
             "index_rebuilds": c[REBUILDS],
+            "lost_inserts": c[LOST_INSERTS],
             "mean_age": float(ages.mean()) if n else 0.0,
             "max_age": int(ages.max()) if n else 0,
         }
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "counters"
+        counters = state_dict.get(key)
+        if isinstance(counters, torch.Tensor) and counters.dim() == 1:
+            if counters.numel() == LOST_INSERTS:  # saved before the lost-inserts counter existed
+                counters = torch.cat([counters, counters.new_zeros(1)])
+                state_dict[key] = counters
+            head = int(counters[HEAD]) if counters.numel() > HEAD else 0
+            if not 0 <= head < self.memory_size:
+                raise ValueError(f"{key}: the ring head {head} is outside [0, memory_size="
+                                 f"{self.memory_size}); the state is from another memory or edited")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @staticmethod
     def _rebuild_after_load(module, incompatible_keys):

@@ -40,6 +40,7 @@ void generate_cpu_kernel(const at::Tensor& x, const at::Tensor& weights, const C
     for (int64_t u = u0; u < u1; ++u) {
       acc_t* p = P + u * D;
       std::fill(p, p + D, acc_t(0));
+      if (offsets[u] == offsets[u + 1]) continue;  // padding: a zero row
       acc_t wsum = 0;
       for (int64_t k = offsets[u]; k < offsets[u + 1]; ++k) {
         const int64_t i = order[k];
@@ -59,8 +60,9 @@ void generate_cpu_kernel(const at::Tensor& x, const at::Tensor& weights, const C
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> generate_prototypes_cpu(
-    const at::Tensor& x_in, const at::Tensor& labels, const c10::optional<at::Tensor>& weights_in) {
-  auto seg = class_segments(x_in, labels, weights_in);
+    const at::Tensor& x_in, const at::Tensor& labels, const c10::optional<at::Tensor>& weights_in,
+    bool padded) {
+  auto seg = class_segments(x_in, labels, weights_in, padded);
   auto x = x_in.contiguous();
   const auto pdt = proto_dtype(x);
   auto protos = at::empty({seg.classes.size(0), x.size(1)}, x.options().dtype(pdt));

@@ -15,8 +15,8 @@ struct HashIndexCPU {
 
   int64_t find(int64_t key) const { return index_find(keys, capacity, key); }
 
-  // Inserts a key that is not present; returns true when it reused a tombstone.
-  bool insert(int64_t key, int64_t val) {
+  // Inserts a key that is not present: into the first empty or deleted entry of its probe.
+  InsertResult insert(int64_t key, int64_t val) {
     const int64_t mask = capacity - 1;
     int64_t p = probe_start(key, mask);
     for (int64_t n = 0; n < capacity; ++n, p = (p + 1) & mask) {
@@ -24,18 +24,21 @@ struct HashIndexCPU {
       if (k == kEmptyKey || k == kTombKey) {
         keys[p] = key;
         vals[p] = val;
-        return k == kTombKey;
+        return k == kTombKey ? kInsertedTomb : kInsertedEmpty;
       }
     }
-    return false;
+    return kInsertFailed;
   }
 
-  // Rebuilds from the slot labels: every slot s with label >= 0 maps label -> s.
-  void rebuild(const int64_t* slot_labels, int64_t num_slots) {
+  // Rebuilds from the slot labels: every slot s with label >= 0 maps label -> s. Returns the
+  // number of inserts that found no free entry (0 while num_slots <= capacity).
+  int64_t rebuild(const int64_t* slot_labels, int64_t num_slots) {
     std::fill(keys, keys + capacity, kEmptyKey);
+    int64_t lost = 0;
     for (int64_t s = 0; s < num_slots; ++s) {
-      if (slot_labels[s] >= 0) insert(slot_labels[s], s);
+      if (slot_labels[s] >= 0) lost += insert(slot_labels[s], s) == kInsertFailed;
     }
+    return lost;
   }
 };
 

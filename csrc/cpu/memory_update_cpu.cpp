@@ -2,7 +2,10 @@
 // Phases (the CUDA twin runs the same ones as kernels):
 //   resolve: look each class up; build the refreshed prototype normalize(a*P[old] + (1-a)*p)
 //   place:   choose each written class's slot in the window at the ring head, evicting occupants
-//   commit:  write prototypes, slot labels, stamps and index entries; advance head and step
+//   commit:  write prototypes, slot labels, stamps and index entries (or rebuild the index when
+//            the step's inserts could take live + deleted entries past 3/4 of the table);
+//            advance head and step
+// Class id -1 is padding (generate_prototypes(padded=True)): skipped and not counted.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -46,22 +49,43 @@ void resolve(const scalar_t* P, const float* p, const int64_t* classes, const Ha
   });
 }
 
+// The op's output [3, U]: slot after the update, slot before it (-1 if absent), and that slot's
+// stamp before the update (-1 if absent).
+at::Tensor unchanged_output(const int64_t* cls, const int64_t* S, const HashIndexCPU& index,
+                            int64_t U, const at::TensorOptions& options) {
+  auto out = at::empty({3, U}, options);
+  int64_t* o = out.data_ptr<int64_t>();
+  for (int64_t u = 0; u < U; ++u) {
+    const int64_t at = cls[u] >= 0 ? index.find(cls[u]) : -1;
+    o[u] = o[U + u] = at >= 0 ? index.vals[at] : -1;
+    o[2 * U + u] = o[u] >= 0 ? S[o[u]] : -1;
+  }
+  return out;
+}
+
 at::Tensor memory_update_cpu(at::Tensor protos, at::Tensor slot_labels, at::Tensor stamps,
                              at::Tensor index_keys, at::Tensor index_vals, at::Tensor counters,
                              const at::Tensor& classes_in, const at::Tensor& new_protos,
-                             double momentum, c10::string_view policy) {
+                             double momentum, c10::string_view policy,
+                             const c10::optional<at::Tensor>& commit,
+                             const c10::optional<at::Tensor>& /*workspace: CUDA scratch*/) {
   check_memory_update_args(protos, slot_labels, stamps, index_keys, index_vals, counters,
                            classes_in, new_protos, momentum, policy);
+  check_commit(commit, protos);
+  if (debug_checks_enabled()) check_distinct_classes(classes_in);
   const int64_t M = protos.size(0), D = protos.size(1), U = classes_in.size(0);
   const bool lru = policy == "lru";
   auto classes = classes_in.contiguous();
-  auto p = new_protos.to(at::kFloat).contiguous();
   const int64_t* cls = classes.data_ptr<int64_t>();
   int64_t* L = slot_labels.data_ptr<int64_t>();
   int64_t* S = stamps.data_ptr<int64_t>();
   int64_t* C = counters.data_ptr<int64_t>();
   HashIndexCPU index{index_keys.data_ptr<int64_t>(), index_vals.data_ptr<int64_t>(),
                      index_keys.size(0)};
+  if (commit.has_value() && !commit->item<bool>()) {
+    return unchanged_output(cls, S, index, U, classes.options());
+  }
+  auto p = new_protos.to(at::kFloat).contiguous();
 
   std::vector<uint8_t> valid(U);
   std::vector<int64_t> pos(U), old(U), slot(U, -1);
@@ -70,18 +94,26 @@ at::Tensor memory_update_cpu(at::Tensor protos, at::Tensor slot_labels, at::Tens
     resolve<scalar_t>(protos.data_ptr<scalar_t>(), p.data_ptr<float>(), cls, index, U, D,
                       static_cast<float>(momentum), valid, pos, old, fresh);
   });
+  auto out = at::empty({3, U}, classes.options());
+  int64_t* o = out.data_ptr<int64_t>();
+  for (int64_t u = 0; u < U; ++u) {
+    o[U + u] = old[u];
+    o[2 * U + u] = old[u] >= 0 ? S[old[u]] : -1;
+  }
 
   // place: LRU writes every valid class into the window (freeing a hit's old slot first);
   // FIFO refreshes hits in place and gives misses the window slots its hits do not hold.
-  const int64_t head = C[kHead];
+  const int64_t head = ring_head(C[kHead], M);
   std::vector<int64_t> placed;
   std::vector<uint8_t> held(U, 0);
-  int64_t hits = 0, n_valid = 0;
+  int64_t hits = 0, n_valid = 0, inserts = 0, padding = 0;
   for (int64_t u = 0; u < U; ++u) {
+    padding += cls[u] == kEmptyKey;
     if (!valid[u]) continue;
     ++n_valid;
     const bool hit = old[u] >= 0;
     hits += hit;
+    inserts += pos[u] < 0;
     if (hit && !lru) {
       slot[u] = old[u];
       const int64_t r = (old[u] - head + M) % M;
@@ -105,6 +137,7 @@ at::Tensor memory_update_cpu(at::Tensor protos, at::Tensor slot_labels, at::Tens
       ++C[kTombstones];
     }
   }
+  const bool rebuild = index_rebuild_due(C[kTombstones], inserts, index.capacity);
 
   // commit
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, protos.scalar_type(), "memory_commit", [&] {
@@ -121,26 +154,27 @@ at::Tensor memory_update_cpu(at::Tensor protos, at::Tensor slot_labels, at::Tens
     if (!valid[u]) continue;
     L[slot[u]] = cls[u];
     S[slot[u]] = step;
+    if (rebuild) continue;
     if (pos[u] >= 0) {
       index.vals[pos[u]] = slot[u];
-    } else if (index.insert(cls[u], slot[u])) {
-      --C[kTombstones];
+    } else {
+      const InsertResult r = index.insert(cls[u], slot[u]);
+      C[kTombstones] -= r == kInsertedTomb;
+      C[kLostInserts] += r == kInsertFailed;
     }
+  }
+  if (rebuild) {
+    C[kLostInserts] += index.rebuild(L, M);
+    C[kTombstones] = 0;
+    ++C[kRebuilds];
   }
   if (last_r >= 0) C[kHead] = (head + last_r + 1) % M;
   C[kStep] = step + 1;
   C[kHits] += hits;
   C[kMisses] += n_valid - hits;
-  C[kRejected] += U - n_valid;
-  if (needs_rebuild(C[kTombstones], index.capacity)) {
-    index.rebuild(L, M);
-    C[kTombstones] = 0;
-    ++C[kRebuilds];
-  }
+  C[kRejected] += U - n_valid - padding;
 
   // A rejected class keeps its old slot unless this step evicted it.
-  auto out = at::empty({U}, classes.options());
-  int64_t* o = out.data_ptr<int64_t>();
   for (int64_t u = 0; u < U; ++u) {
     o[u] = valid[u] ? slot[u] : (old[u] >= 0 && L[old[u]] == cls[u] ? old[u] : -1);
   }

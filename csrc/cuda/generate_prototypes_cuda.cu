@@ -36,6 +36,10 @@ __global__ void class_mean_kernel(const scalar_t* __restrict__ X, const acc_t* _
                                   acc_t* __restrict__ P) {
   const int64_t u = blockIdx.x;
   const int64_t k0 = offsets[u], k1 = offsets[u + 1];
+  if (k0 == k1) {  // padding: a zero row (uniform over the block, before any block_sum)
+    for (int64_t d = threadIdx.x; d < D; d += blockDim.x) P[u * D + d] = acc_t(0);
+    return;
+  }
   acc_t wsum = 0;
   for (int64_t k = k0; k < k1; ++k) wsum += W ? W[order[k]] : acc_t(1);
   acc_t ss = 0;
@@ -54,9 +58,10 @@ __global__ void class_mean_kernel(const scalar_t* __restrict__ X, const acc_t* _
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> generate_prototypes_cuda(
-    const at::Tensor& x_in, const at::Tensor& labels, const c10::optional<at::Tensor>& weights_in) {
+    const at::Tensor& x_in, const at::Tensor& labels, const c10::optional<at::Tensor>& weights_in,
+    bool padded) {
   const c10::cuda::CUDAGuard guard(x_in.device());
-  auto seg = class_segments(x_in, labels, weights_in);
+  auto seg = class_segments(x_in, labels, weights_in, padded);
   auto x = x_in.contiguous();
   const int64_t B = x.size(0), D = x.size(1), U = seg.classes.size(0);
   const auto pdt = proto_dtype(x);

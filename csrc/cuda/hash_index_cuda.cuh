@@ -1,6 +1,7 @@
 // Device operations on the label->slot open-addressing index (linear probing, tombstone
 // deletion): the twin of csrc/cpu/hash_index_cpu.h. Inserts of distinct absent keys may run
 // concurrently (atomicCAS claims an empty or deleted entry); deletions of distinct keys too.
+// The clear and fill kernels live in hash_index_cuda.cu, behind the launchers declared here.
 #pragma once
 #include <cstdint>
 
@@ -9,9 +10,9 @@
 
 namespace protomem {
 
-// Inserts a key that is not present; returns true when it reused a tombstone.
-__device__ __forceinline__ bool index_insert(int64_t* keys, int64_t* vals, int64_t capacity,
-                                             int64_t key, int64_t val) {
+// Inserts a key that is not present into the first empty or deleted entry of its probe.
+__device__ __forceinline__ InsertResult index_insert(int64_t* keys, int64_t* vals,
+                                                     int64_t capacity, int64_t key, int64_t val) {
   using ull = unsigned long long;
   const int64_t mask = capacity - 1;
   int64_t p = probe_start(key, mask);
@@ -22,44 +23,20 @@ __device__ __forceinline__ bool index_insert(int64_t* keys, int64_t* vals, int64
           atomicCAS(reinterpret_cast<ull*>(keys + p), static_cast<ull>(k), static_cast<ull>(key)));
       if (prev == k) {
         vals[p] = val;
-        return k == kTombKey;
+        return k == kTombKey ? kInsertedTomb : kInsertedEmpty;
       }
       k = prev;  // another insert claimed it (or it changed kind); look again
     }
   }
-  return false;
+  return kInsertFailed;
 }
 
-// Clears the table when *flag is set (always when flag is null). Grid-stride over the table.
-static __global__ void index_clear_kernel(int64_t* keys, int64_t capacity, const int64_t* flag) {
-  if (flag && *flag == 0) return;
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < capacity;
-       i += int64_t(gridDim.x) * blockDim.x) {
-    keys[i] = kEmptyKey;
-  }
-}
+// Sets every key of the table to empty (grid-stride); with `flag`, only when *flag != 0.
+void launch_index_clear(int64_t* keys, int64_t capacity, const int64_t* flag);
 
-// Inserts every filled slot when *flag is set (always when flag is null).
-static __global__ void index_fill_kernel(int64_t* keys, int64_t* vals, int64_t capacity,
-                                  const int64_t* slot_labels, int64_t num_slots,
-                                  const int64_t* flag) {
-  if (flag && *flag == 0) return;
-  for (int64_t s = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; s < num_slots;
-       s += int64_t(gridDim.x) * blockDim.x) {
-    if (slot_labels[s] >= 0) index_insert(keys, vals, capacity, slot_labels[s], s);
-  }
-}
-
-// Rebuilds index from slot_labels on the current stream (conditionally on *flag when given).
-inline void launch_index_rebuild(int64_t* keys, int64_t* vals, int64_t capacity,
-                                 const int64_t* slot_labels, int64_t num_slots,
-                                 const int64_t* flag) {
-  auto stream = current_stream();
-  index_clear_kernel<<<grid_stride_blocks(capacity), kThreads, 0, stream>>>(keys, capacity, flag);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  index_fill_kernel<<<grid_stride_blocks(num_slots), kThreads, 0, stream>>>(
-      keys, vals, capacity, slot_labels, num_slots, flag);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
+// Inserts slot s -> slot_labels[s] for every filled slot of a cleared table; with `flag`, only
+// when *flag != 0. Inserts that find no free entry are added to *lost when lost is not null.
+void launch_index_fill(int64_t* keys, int64_t* vals, int64_t capacity, const int64_t* slot_labels,
+                       int64_t num_slots, const int64_t* flag, int64_t* lost);
 
 }  // namespace protomem

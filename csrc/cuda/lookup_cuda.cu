@@ -41,8 +41,10 @@ void rebuild_index_cuda(at::Tensor index_keys, at::Tensor index_vals,
   check_same_device(slot_labels, index_keys, "slot_labels", "index_keys");
   const c10::cuda::CUDAGuard guard(index_keys.device());
   auto L = slot_labels.contiguous();
-  launch_index_rebuild(index_keys.data_ptr<int64_t>(), index_vals.data_ptr<int64_t>(),
-                       index_keys.size(0), L.data_ptr<int64_t>(), L.size(0), /*flag=*/nullptr);
+  launch_index_clear(index_keys.data_ptr<int64_t>(), index_keys.size(0), /*flag=*/nullptr);
+  launch_index_fill(index_keys.data_ptr<int64_t>(), index_vals.data_ptr<int64_t>(),
+                    index_keys.size(0), L.data_ptr<int64_t>(), L.size(0), /*flag=*/nullptr,
+                    /*lost=*/nullptr);
 }
 
 }  // namespace
