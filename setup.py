@@ -53,6 +53,13 @@ def want_cuda():
             "CUDA_HOME=/usr/local/cuda, or build without CUDA: FORCE_ONLY_CPU=1 pip install "
             "--no-build-isolation -e ."
         )
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+        # torch would otherwise look for the GPUs to compile for and fail with an IndexError
+        sys.exit(
+            "protomem: CUDA kernels were requested (FORCE_CUDA=1) but no GPU is visible to choose the "
+            "architectures from. Name them: TORCH_CUDA_ARCH_LIST=\"9.0\" (H100; 8.0 for A100, 8.6 for "
+            "RTX 30xx, 8.9 for L4/RTX 40xx; several as \"8.0;9.0\"), or build without CUDA: FORCE_ONLY_CPU=1"
+        )
     return True
 
 

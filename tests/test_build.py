@@ -39,3 +39,42 @@ def test_missing_extension_names_the_build_command(monkeypatch):
     monkeypatch.setattr(importlib, "import_module", fail)
     with pytest.raises(ImportError, match="pip install --no-build-isolation -e ."):
         _loader.load_extension()
+
+
+def test_unbuilt_source_tree_shadowing_an_install_says_so(monkeypatch, tmp_path):
+    """python run from the repository root after a non-editable install imports the source tree."""
+    installed = tmp_path / "site-packages" / "protomem"
+    installed.mkdir(parents=True)
+    (installed / "_C.cpython-311-x86_64-linux-gnu.so").write_bytes(b"")
+    monkeypatch.setattr(_loader.glob, "glob", lambda pattern: [] if pattern.startswith(
+        os.path.dirname(_loader.__file__)) else [p for p in map(str, installed.glob("_C*"))
+                                                 if pattern.startswith(str(installed))])
+    monkeypatch.setattr(_loader.sys, "path", ["", str(tmp_path / "site-packages")])
+    monkeypatch.setattr(importlib, "import_module", lambda name: (_ for _ in ()).throw(ImportError(name)))
+    with pytest.raises(ImportError, match=f"instead of the installed protomem at {installed}"):
+        _loader.load_extension()
+
+
+def test_force_cuda_without_an_arch_list_or_gpu_is_a_clear_exit(monkeypatch, tmp_path):
+    import setup
+
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "nvcc").write_text("")
+    monkeypatch.setenv("FORCE_CUDA", "1")
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    monkeypatch.delenv("FORCE_ONLY_CPU", raising=False)
+    monkeypatch.setattr(setup, "CUDA_HOME", str(tmp_path))
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match='TORCH_CUDA_ARCH_LIST="9.0"'):
+        setup.want_cuda()
+
+
+def test_toml_reader_is_a_dependency_before_python_3_11():
+    """protomem.training reads TOML configs with tomllib, or tomli before Python 3.11."""
+    from pathlib import Path
+
+    tomllib = pytest.importorskip("tomllib")
+    deps = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert any(d.replace(" ", "").startswith("tomli>=") and "python_version<'3.11'" in d.replace(" ", "")
+               for d in deps), deps
