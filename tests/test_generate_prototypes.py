@@ -92,3 +92,32 @@ def test_empty_batch(device):
 def test_bad_input(device, make, error, match):
     with pytest.raises(error, match=match):
         protomem.generate_prototypes(*make(device))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("B,D,num_classes", [(1, 3, 1), (23, 17, 5), (64, 129, 64), (300, 8, 1)])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_padded_matches_reference(device, dtype, B, D, num_classes, weighted):
+    """padded=True: the classes, then -1 with zero rows, B rows in all; the same prototypes and
+    inverse, and the same gradient (one huge class included)."""
+    x, labels = batch(B, D, dtype, device, num_classes=num_classes, seed=B)
+    w = torch.rand(B, device=device) + 0.1 if weighted else None
+    xp, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+    classes, protos, inverse = protomem.generate_prototypes(xp, labels, w, padded=True)
+    rc, rp, ri = generate_prototypes_ref(xr, labels, w)
+    U = rc.numel()
+    assert classes.shape == (B,) and protos.shape == (B, D)
+    assert torch.equal(classes[:U], rc) and (classes[U:] == -1).all()
+    assert torch.equal(inverse, ri) and (protos[U:] == 0).all()
+    torch.testing.assert_close(protos[:U], rp, atol=STORAGE_ATOL[protos.dtype], rtol=0)
+    g = torch.randn(B, D, device=device, dtype=protos.dtype)
+    (protos * g).sum().backward()
+    (rp * g[:U]).sum().backward()
+    torch.testing.assert_close(xp.grad, xr.grad, atol=STORAGE_ATOL[protos.dtype] * 10, rtol=1e-4)
+
+
+def test_padded_opcheck(device):
+    x, labels = batch(11, 7, torch.float32, device)
+    torch.library.opcheck(torch.ops.protomem.generate_prototypes.default, (x, labels, None, True),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor",
+                                      "test_aot_dispatch_dynamic"))
