@@ -34,7 +34,7 @@ $(VENV)/.deps: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet "$(TORCH_SPEC)" numpy pytest ninja setuptools wheel \
-	  Pillow tqdm matplotlib pytorch-metric-learning
+	  Pillow tqdm matplotlib pytorch-metric-learning onnx onnxruntime onnxscript
 	touch $@
 
 build: $(BUILT)
