@@ -240,3 +240,26 @@ def test_jpeg_and_resize(tmp_path):
     assert RecordIODataset(f"{prefix}.rec", image_size=(8, 6))[0][0].shape == (3, 8, 6)
     flipped = RecordIODataset(f"{prefix}.rec", transform=lambda x: x.flip(-1))[0][0]
     torch.testing.assert_close(flipped, img.flip(-1))
+
+
+def test_corrupt_record_names_file_record_and_identity(tmp_path):
+    """Garbage in one image's bytes: the error names the .rec, the record key, the sample and its
+    identity, in the main process and from a DataLoader worker."""
+    from protomem.data import CorruptRecordError
+
+    labels = [3, 3, 7, 7, 7]
+    prefix = write_grouped(tmp_path, labels, random_images(5))
+    ds = RecordIODataset(f"{prefix}.rec")
+    key = ds.image_keys[3]
+    offset = dict(map(int, line.split()) for line in open(f"{prefix}.idx"))[key]
+    with open(f"{prefix}.rec", "r+b") as f:  # past the 8-byte frame and the 24-byte header
+        f.seek(offset + 8 + 24)
+        f.write(b"\x00garbage\xff" * 2)
+    ds = RecordIODataset(f"{prefix}.rec")
+    assert torch.is_tensor(ds[2][0])  # its neighbours still read
+    expected = f"{ds.reader.path_rec}: record {key} (sample 3, identity 7) cannot be decoded"
+    with pytest.raises(CorruptRecordError, match=expected.replace("(", r"\(").replace(")", r"\)")):
+        ds[3]
+    loader = torch.utils.data.DataLoader(ds, batch_size=5, num_workers=1)
+    with pytest.raises(CorruptRecordError, match=f"record {key} \\(sample 3, identity 7\\)"):
+        next(iter(loader))

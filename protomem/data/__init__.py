@@ -4,6 +4,7 @@ G identities x k samples batch sampler."""
 from .image_folder import ImageFolderIdentities
 from .longtail import long_tail_counts
 from .recordio import (
+    CorruptRecordError,
     IRHeader,
     RecordIODataset,
     RecordIOReader,
@@ -17,6 +18,7 @@ from .synthetic import SyntheticIdentities
 from .verification import load_verification_bin, write_verification_bin
 
 __all__ = [
+    "CorruptRecordError",
     "IdentityBatchSampler",
     "ImageFolderIdentities",
     "IRHeader",

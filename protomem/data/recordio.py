@@ -13,8 +13,13 @@ import torch
 from ._image import decode_image, encode_image, to_float
 from ._recordio_format import MAGIC, IRHeader, RecordIOReader, RecordIOWriter, pack, unpack
 
-__all__ = ["MAGIC", "IRHeader", "RecordIODataset", "RecordIOReader", "RecordIOWriter", "pack",
+__all__ = ["MAGIC", "CorruptRecordError", "IRHeader", "RecordIODataset", "RecordIOReader", "RecordIOWriter", "pack",
            "unpack", "write_recordio"]
+
+
+class CorruptRecordError(ValueError):
+    """A record of a ``.rec`` file that cannot be read or decoded; the message names the file,
+    the record key, the sample index and its identity (also when raised in a DataLoader worker)."""
 
 
 def write_recordio(path_prefix, samples, identity_ranges=True, format="jpg", quality=95):
@@ -125,8 +130,14 @@ class RecordIODataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         """(image float32 [3, H, W] in [-1, 1] (then ``transform``), label int)."""
-        _, payload = unpack(self.reader.read(self.image_keys[i]))
-        img = to_float(decode_image(payload, self.image_size))
+        key = self.image_keys[i]
+        try:
+            _, payload = unpack(self.reader.read(key))
+            img = to_float(decode_image(payload, self.image_size))
+        except Exception as err:  # corrupt bytes: PIL's UnidentifiedImageError, a bad frame, ...
+            raise CorruptRecordError(
+                f"{self.reader.path_rec}: record {key} (sample {i}, identity {int(self.labels[i])}) cannot be "
+                f"decoded: {type(err).__name__}: {err}") from err
         if self.transform is not None:
             img = self.transform(img)
         return img, int(self.labels[i])
