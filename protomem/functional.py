@@ -84,13 +84,19 @@ def margin_ce_stats(x, W, row_labels, col_labels, pos_cos=None, *, scale, m1=1.0
                                          normalize_w, precision)
     dt = lse_o.dtype
     if pos_cos is not None:
+        if pos_cos.shape != row_labels.shape:
+            raise ValueError(f"pos_cos.size must be [B] = {tuple(row_labels.shape)}, got "
+                             f"{tuple(pos_cos.shape)}")
         cos_t = pos_cos.to(dt)[:, None]
         valid = torch.ones_like(cos_t, dtype=torch.bool)
     else:
         if target_index is None:
             cols, valid = target_columns(row_labels, col_labels)
         else:
-            cols = target_index.long()[:, None]
+            if target_index.shape != row_labels.shape or target_index.dtype != torch.int64:
+                raise ValueError(f"target_index must be int64 [B] like row_labels, got "
+                                 f"{target_index.dtype} {tuple(target_index.shape)}")
+            cols = target_index[:, None]
             valid = (cols >= 0) & (row_labels[:, None] >= 0)
         cos_t = _target_cosines(x, W, cols, valid, normalize_x, normalize_w, dt)
     z = torch.where(valid, margin.scale * margin.target_cos(cos_t), _NEG_INF)

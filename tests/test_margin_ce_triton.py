@@ -1,281 +1,239 @@
-"""The Triton margin cross-entropy kernels (CPU: under TRITON_INTERPRET=1, set by conftest) against
-the C++ ops, which tests/test_margin_ce.py checks against protomem.reference."""
-import math
+"""The Triton kernels of the fused margin cross-entropy (protomem/triton/cos_lse.py) against
+protomem.reference, on the CPU under TRITON_INTERPRET=1 (on a GPU, on CUDA tensors).
+
+Op level: cos_lse_fwd_triton / cos_lse_bwd_w_triton against cos_lse_fwd_ref / cos_lse_bwd_w_ref.
+Whole loss: the Triton kernels stand in for the CPU kernels of the same ops (``triton_ops``), so
+margin_cross_entropy runs its CUDA code path (per-row targets, autograd, grad x from the
+direction, grad W kernel) and is compared with the float64 reference."""
+import re
+import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
+from conftest import HAS_CUDA
+from margin_ce_cases import MARGINS, REGIMES, exact, make, max_err, plain, rel_err
 
-import protomem  # noqa: F401  (registers the ops)
-from protomem.margins import ArcFace, CombinedMargin, CosFace
+from protomem.functional import margin_ce_stats, margin_cross_entropy
+from protomem.reference import cos_lse_bwd_w_ref, cos_lse_fwd_ref
 
-triton_mc = pytest.importorskip("protomem.triton.margin_ce")
 pytestmark = pytest.mark.triton
-
-MARGINS = [CosFace(64, 0.4), ArcFace(64, 0.5), ArcFace(16, 2.0), CombinedMargin(32, 1.0, 0.2, 0.1)]
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def data(B, M, D, dtype, dup, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(B, D, generator=g).to(dtype)
-    W = torch.randn(M, D, generator=g).to(dtype)
-    col = torch.randperm(3 * M, generator=g)[:M]
-    col[torch.rand(M, generator=g) < 0.1] = -1  # empty columns
-    row = col.clamp_min(0)[torch.randint(M, (B,), generator=g)]
-    if dup:
-        col[: M // 4] = row[0]
-    pos = torch.rand(B, generator=g) * 1.8 - 0.9
-    return [t.to(DEVICE) for t in (x, W, row, col, pos)]
+DEV = "cuda" if HAS_CUDA else "cpu"
+K = pytest.importorskip("protomem.triton.cos_lse")
 
 
-def cpu(*ts):
-    return [t.cpu() if t is not None else None for t in ts]
+def to_dev(case):
+    return {k: v.to(DEV) for k, v in case.items()}
 
 
-def incoming_grads(B, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(B, generator=g).to(DEVICE), torch.randn(B, generator=g).to(DEVICE)
+@pytest.fixture
+def triton_ops():
+    """On the CPU, the Triton launchers replace the C++ kernels of cos_lse_fwd / cos_lse_bwd_w for
+    the test (restored after); on a GPU they are the CUDA kernels already."""
+    if HAS_CUDA:
+        yield
+        return
+    lib = torch.library.Library("protomem", "IMPL")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "overriding a previously registered kernel"
+        lib.impl("cos_lse_fwd", lambda x, W, r, c, s, nx, nw, p: K.cos_lse_fwd_triton(
+            x, W, r, c, s, nx, nw, p, splits=3), "CPU")
+        lib.impl("cos_lse_bwd_w", K.cos_lse_bwd_w_triton, "CPU")
+    yield
+    lib._destroy()
 
 
-def cpp_fwd_bwd(x, W, row, col, pos, args, ga, gb, need_grad_w=True):
-    """The C++ op's statistics and gradients, computed on float32 copies of the inputs on the CPU."""
-    f32 = [t.float() if t is not None else None for t in cpu(x, W)]
-    ints = cpu(row, col, pos)
-    stats = torch.ops.protomem.margin_ce_fwd(*f32, *ints, *args)
-    grads = torch.ops.protomem.margin_ce_bwd(ga.cpu(), gb.cpu(), *f32, *ints, stats[0], stats[1], *args,
-                                             need_grad_w)
-    return stats, grads
+def first(kind, block_d, op, w):
+    return K._configs(kind, block_d, op.itemsize, w.itemsize)[0]
 
 
-def assert_stats_close(got, want, atol=1e-4):
-    keep = torch.isfinite(want[1])
-    torch.testing.assert_close(got[0].cpu(), want[0], atol=atol, rtol=1e-5)
-    torch.testing.assert_close(got[1].cpu()[keep], want[1][keep], atol=atol, rtol=1e-5)
-    assert torch.equal(torch.isinf(got[1].cpu()), ~keep)
-    for k in (2, 3):  # best target and best other cosine
-        torch.testing.assert_close(got[k].cpu(), want[k], atol=1e-5, rtol=1e-5)
+# ---------------------------------------------------------------------------------------------
+# op level
 
 
-def assert_grads_close(got, want):
-    for a, b in zip(got, want):
-        assert (a is None) == (b is None)
-        if a is not None:
-            torch.testing.assert_close(a.cpu(), b, atol=1e-4 * max(1.0, float(b.abs().max())), rtol=1e-4)
+@pytest.mark.parametrize("B,M,D", [(1, 1, 1), (37, 1001, 129), (70, 300, 33), (5, 4099, 16)])
+@pytest.mark.parametrize("splits", [1, 3, 7])
+@pytest.mark.parametrize("regime", REGIMES)
+def test_fwd_matches_reference(B, M, D, splits, regime):
+    c = to_dev(make(B, M, D, torch.float32, regime, dup=True, ignored=True, empty=M > 1))
+    got = K.cos_lse_fwd_triton(c["x"], c["W"], c["row"], c["col"], 30.0, True, True, "highest",
+                               splits=splits)
+    want = cos_lse_fwd_ref(c["x"].double(), c["W"].double(), c["row"], c["col"], 30.0)
+    lse, best, idx, direction, winv = got
+    assert max_err(lse, want[0], torch.isfinite(want[0])) <= 2e-5
+    assert torch.equal(torch.isinf(lse), torch.isinf(want[0]))
+    assert max_err(best, want[1], torch.isfinite(want[1])) <= 1e-6
+    assert torch.equal(idx, want[2])
+    assert max_err(direction, want[3]) <= 1e-5
+    assert max_err(winv, want[4]) <= 1e-6 * float(want[4].abs().max())
+
+
+def test_fwd_normalisation_flags_and_ties():
+    c = to_dev(make(19, 260, 24, torch.float32, "random"))
+    c["W"][7] = c["W"][3]  # equal columns: best_index is the smaller one
+    c["col"][7] = c["col"][3] + 10**9
+    for nx, nw in ((False, True), (True, False), (False, False)):
+        x, W = c["x"] * 0.2, c["W"] * 0.2
+        got = K.cos_lse_fwd_triton(x, W, c["row"], c["col"], 7.0, nx, nw, "highest", splits=2)
+        want = cos_lse_fwd_ref(x.double(), W.double(), c["row"], c["col"], 7.0, nx, nw)
+        for g, w in zip(got, want):
+            assert max_err(g, w) <= 1e-5 * max(1.0, float(w.double().abs().max()))
+
+
+def test_fwd_rows_without_other_columns():
+    """All live columns carry the row's label (or there is none): lse = best = -inf, index -1,
+    direction 0, no NaN anywhere."""
+    W = torch.randn(6, 8, device=DEV)
+    col = torch.tensor([4, 4, -1, 4, -1, 4], device=DEV)
+    x = torch.randn(3, 8, device=DEV)
+    lse, best, idx, direction, _ = K.cos_lse_fwd_triton(x, W, torch.tensor([4, 4, 9], device=DEV),
+                                                        col, 16.0, True, True, "highest", splits=2)
+    assert torch.isinf(lse[:2]).all() and (lse[:2] < 0).all() and torch.isfinite(lse[2])
+    assert torch.isinf(best[:2]).all() and idx[:2].tolist() == [-1, -1]
+    assert not torch.isnan(direction).any() and (direction[:2] == 0).all()
+
+
+@pytest.mark.parametrize("B,M,D", [(37, 1001, 129), (3, 70, 16)])
+@pytest.mark.parametrize("normalize_w", [True, False])
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_bwd_w_matches_reference(B, M, D, normalize_w, wdtype):
+    c = to_dev(make(B, M, D, torch.float32, "dominated", dup=True, ignored=True))
+    W = c["W"].to(wdtype)
+    g = torch.randn(B, device=DEV)
+    g[0] = 0
+    lse = cos_lse_fwd_ref(c["x"], W, c["row"], c["col"], 20.0, True, normalize_w)[0]
+    winv = K.inverse_norms(W, normalize_w)
+    got = K.cos_lse_bwd_w_triton(g, c["x"], W, c["row"], c["col"], lse, winv, 20.0, True,
+                                 normalize_w, "highest")
+    want = cos_lse_bwd_w_ref(g.double(), c["x"].double(), W.double(), c["row"], c["col"],
+                             lse.double(), 20.0, True, normalize_w)
+    assert got.dtype == wdtype
+    assert rel_err(got, want) <= {torch.float32: 5e-5, torch.bfloat16: 8e-3, torch.float16: 1e-3}[wdtype]
+
+
+def test_bwd_w_rows_without_other_columns_give_zero_not_nan():
+    """Bug (a) of issue 11: a row whose lse is -inf made the old backward NaN for every row of W."""
+    W = torch.randn(5, 8, device=DEV)
+    col = torch.tensor([2, 2, -1, 3, 3], device=DEV)
+    x = torch.randn(2, 8, device=DEV)
+    row = torch.tensor([2, 7], device=DEV)
+    lse = cos_lse_fwd_ref(x, W, torch.tensor([2, 2], device=DEV), col, 16.0)[0]  # row 0: only 3s
+    lse = torch.stack([torch.tensor(float("-inf"), device=DEV), lse[1]])
+    got = K.cos_lse_bwd_w_triton(torch.ones(2, device=DEV), x, W, row, col, lse,
+                                 K.inverse_norms(W, True), 16.0, True, True, "highest")
+    assert torch.isfinite(got).all()
+    want = cos_lse_bwd_w_ref(torch.ones(2, device=DEV), x, W, row, col, lse, 16.0)
+    assert rel_err(got, want) <= 1e-5
+
+
+def test_bwd_w_allocates_no_float32_m_by_d_temporary():
+    """Bug (e): the old grad-W path wrote an [M, D] float32 H before projecting it."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    c = to_dev(make(9, 500, 32, torch.bfloat16, "random"))
+    M, D = c["W"].shape
+    seen = []
+
+    class Allocs(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.numel() >= M * D:
+                    seen.append((str(func), tuple(t.shape)))
+            return out
+
+    lse = cos_lse_fwd_ref(c["x"], c["W"], c["row"], c["col"], 16.0)[0]
+    with Allocs():
+        K.cos_lse_bwd_w_triton(torch.ones(9, device=DEV), c["x"], c["W"], c["row"], c["col"], lse,
+                               K.inverse_norms(c["W"], True), 16.0, True, True, "default")
+    assert seen == []
+
+
+def test_autotune_key_includes_the_split_count():
+    """Bug (b): tune's comparison of split counts reused the first count's config."""
+    tuner = K._tuner("fwd", 128, 2, 2)
+    assert "S" in tuner.keys and "KEY_M" in tuner.keys and "OP" in tuner.keys
+
+
+def test_kernel_offsets_are_int64():
+    """Bug (d): every row offset multiplied by a stride (or by D) is taken in int64, so no
+    pointer overflows past 2**31 elements (a test that allocates that much cannot run here)."""
+    import inspect as pyinspect
+
+    for fn in (K._fwd_kernel, K._bwd_w_kernel):
+        src = pyinspect.getsource(fn.fn)
+        products = re.findall(r"([\w\.\(\)]+)(?:\[:, None\])? \* (stride_\w+|D)\b", src)
+        assert products, fn
+        for lhs, _ in products:
+            assert lhs.endswith(".to(tl.int64)"), (fn, lhs)
+
+
+# ---------------------------------------------------------------------------------------------
+# the whole loss through the ops
 
 
 @pytest.mark.parametrize("margin", MARGINS, ids=repr)
 @pytest.mark.parametrize("with_pos", [False, True])
-@pytest.mark.parametrize("B,M,D", [(1, 1, 1), (37, 1001, 129)])
-def test_matches_cpp(margin, with_pos, B, M, D):
-    x, W, row, col, pos = data(B, M, D, torch.float32, with_pos)
-    pos = pos if with_pos else None
-    args = (margin.scale, margin.m1, margin.m2, margin.m3, True, True)
-    ga, gb = incoming_grads(B)
-    want, want_grads = cpp_fwd_bwd(x, W, row, col, pos, args, ga, gb)
-    assert_stats_close(triton_mc.margin_ce_fwd_triton(x, W, row, col, pos, *args), want)
-    out = triton_mc.margin_ce_bwd_triton(ga, gb, x, W, row, col, pos, want[0].to(DEVICE),
-                                         want[1].to(DEVICE), *args, True)
-    assert_grads_close(out, want_grads)
+@pytest.mark.parametrize("regime", REGIMES)
+def test_loss_highest_matches_reference(triton_ops, margin, with_pos, regime):
+    case = make(37, 1001, 129, torch.float32, regime, ignored=True, dup=with_pos)
+    c = to_dev(case)
+    leaves = [c["x"].requires_grad_(), c["W"].requires_grad_()] + \
+        ([c["pos"].float().requires_grad_()] if with_pos else [])
+    loss = margin_cross_entropy(leaves[0], leaves[1], c["row"], c["col"],
+                                leaves[2] if with_pos else None, **margin.params(),
+                                reduction="none", precision="highest")
+    grads = torch.autograd.grad(loss.sum(), leaves)
+    want, want_grads = exact(case, margin, with_pos)
+    p_loss, p_grads = plain(case, margin, with_pos, torch.float32)
+    keep = case["row"] >= 0
+    assert max_err(loss.cpu(), want, keep) <= max(2 * max_err(p_loss, want, keep), 1e-5)
+    for g, pg, w in zip(grads, p_grads, want_grads):  # float32: 2x plain, or 10 ulp-ish
+        assert rel_err(g.cpu(), w) <= max(2 * rel_err(pg, w), 1e-5)
 
 
-# ---------------------------------------------------------------------------------------------
-# low precision: bfloat16 / float16 tensor-core dots
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("margin", [MARGINS[0], MARGINS[1]], ids=repr)
+@pytest.mark.parametrize("regime", REGIMES)
+def test_default_precision_error_at_most_twice_plain_pytorch(triton_ops, dtype, margin, regime):
+    """Tensor cores by default: the operands are bfloat16 (float16 for float16 inputs); against
+    float64 the error, forward and backward, is at most twice idiomatic PyTorch's in that operand
+    dtype, whose own error must be > 0."""
+    case = make(37, 1001, 129, dtype, regime)
+    op = torch.float16 if dtype == torch.float16 else torch.bfloat16
+    c = to_dev(case)
+    leaves = [c["x"].requires_grad_(), c["W"].requires_grad_()]
+    loss = margin_cross_entropy(*leaves, c["row"], c["col"], **margin.params(), reduction="none")
+    grads = torch.autograd.grad(loss.sum(), leaves)
+    want, want_grads = exact(case, margin, False)
+    p_loss, p_grads = plain(case, margin, False, op)
+    assert max_err(p_loss, want) > 0
+    assert max_err(loss.cpu(), want) <= 2 * max_err(p_loss, want)
+    for g, pg, w in zip(grads, p_grads, want_grads):
+        assert 0 < rel_err(pg, w)
+        assert rel_err(g.cpu(), w) <= 2 * rel_err(pg, w)
 
 
-def plain_pytorch_stats(x, W, row, col, margin):
-    """lse and target LSE of a plain PyTorch head run in x's dtype (normalise, matmul and margin in
-    that dtype; the softmax in float32, as F.cross_entropy on upcast logits)."""
-    cos = F.normalize(x, dim=1) @ F.normalize(W, dim=1).T
-    same = (row[:, None] == col[None, :]) & (col >= 0)[None, :]
-    logits = (margin.scale * torch.where(same, margin.target_cos(cos), cos)).float()
-    logits = logits.masked_fill((col < 0)[None, :], -math.inf)
-    return torch.logsumexp(logits, 1), torch.logsumexp(logits.masked_fill(~same, -math.inf), 1)
+def test_float16_gradient_does_not_underflow(triton_ops):
+    """Bug (c): the old kernels cast d loss / d cos (with the 1/B row factor) to float16 before
+    the gradient dots, where it underflowed. The gradient must be as accurate as float16 storage
+    allows: within 2x the error of rounding the exact gradient to float16."""
+    g = torch.Generator().manual_seed(1)
+    B, M, D = 16, 4000, 512
+    x = torch.randn(B, D, generator=g).half().to(DEV).requires_grad_()
+    W = torch.randn(M, D, generator=g).half().to(DEV)
+    row, col = torch.arange(B, device=DEV), torch.arange(M, device=DEV) + B  # no row has a target
+    lse = margin_ce_stats(x, W, row, col, scale=64.0)[0]
+    w = torch.full((B,), 1 / 16384, device=DEV)  # the row factor of a mean over a large batch
+    (gx,) = torch.autograd.grad(lse @ w, x)
+    xd = x.detach().double().requires_grad_()
+    cos = torch.nn.functional.normalize(xd, dim=1) @ torch.nn.functional.normalize(W.double(), dim=1).T
+    (want,) = torch.autograd.grad(torch.logsumexp(64 * cos, dim=1) @ w.double(), xd)
+    assert rel_err(gx.cpu(), want.cpu()) <= 2 * rel_err(want.half().cpu(), want.cpu())
 
 
-def max_errors(stats, grads, want, want_grads):
-    keep = torch.isfinite(want[1])
-    errs = [(stats[0].cpu().float() - want[0]).abs().max(),
-            (stats[1].cpu().float() - want[1])[keep].abs().max()]
-    return errs + [(g.cpu().float() - w).abs().max() for g, w in zip(grads, want_grads)]
-
-
-@pytest.mark.parametrize("margin", [CosFace(64, 0.4), ArcFace(64, 0.5)], ids=repr)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_low_precision_error_at_most_twice_plain_pytorch(dtype, margin):
-    """Flash-attention's rule: against the exact result on the same (rounded) inputs, the kernel's
-    error in lse, target LSE, grad x and grad W is at most twice a plain PyTorch run's in dtype."""
-    B, M, D = 37, 1001, 129
-    x, W, row, col, _ = data(B, M, D, dtype, False)
-    args = (margin.scale, 1.0, margin.m2, margin.m3, True, True)
-    ga, gb = incoming_grads(B)
-    want, want_grads = cpp_fwd_bwd(x, W, row, col, None, args, ga, gb)
-    gb = gb.masked_fill(torch.isinf(want[1]).to(DEVICE), 0)
-
-    stats = triton_mc.margin_ce_fwd_triton(x, W, row, col, None, *args)
-    grads = triton_mc.margin_ce_bwd_triton(ga, gb, x, W, row, col, None, stats[0], stats[1], *args, True)[:2]
-    assert grads[0].dtype == grads[1].dtype == dtype
-
-    xp, Wp = (t.detach().clone().requires_grad_() for t in (x, W))
-    lse, tgt = plain_pytorch_stats(xp, Wp, row, col, margin)
-    ((ga * lse).sum() + (gb * torch.where(torch.isfinite(tgt), tgt, 0)).sum()).backward()
-
-    err = max_errors(stats, grads, want, want_grads)
-    err_plain = max_errors((lse.detach(), tgt.detach()), (xp.grad, Wp.grad), want, want_grads)
-    for name, e, p in zip(("lse", "target", "grad x", "grad W"), err, err_plain):
-        assert p > 0, name  # the plain run must show rounding, or the rule says nothing
-        assert e <= 2 * p, (name, float(e), float(p))
-
-
-@pytest.mark.parametrize("low", [torch.bfloat16, torch.float16], ids=str)
-def test_mixed_dtypes_compute_in_float32(low):
-    x, W, row, col, _ = data(21, 150, 40, torch.float32, False)
-    args = (30.0, 1.0, 0.3, 0.0, True, True)
-    for xx, WW in ((x, W.to(low)), (x.to(low), W)):
-        assert triton_mc.operand_dtype(xx, WW) == torch.float32
-        got = triton_mc.margin_ce_fwd_triton(xx, WW, row, col, None, *args)
-        want = triton_mc.margin_ce_fwd_triton(xx.float(), WW.float(), row, col, None, *args)
-        for a, b in zip(got, want):
-            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
-
-
-# ---------------------------------------------------------------------------------------------
-# split over M, configs, autotuning switch
-
-
-@pytest.mark.parametrize("with_pos", [False, True])
-def test_split_over_m_equals_unsplit(with_pos):
-    B, M, D = 37, 1001, 40  # 16 column tiles of 64: 3 slices, 7 (one empty), 40 (24 empty)
-    x, W, row, col, pos = data(B, M, D, torch.float32, with_pos)
-    pos = pos if with_pos else None
-    args = (64.0, 1.0, 0.5, 0.0, True, True)
-    ga, gb = incoming_grads(B)
-    one = triton_mc.margin_ce_fwd_triton(x, W, row, col, pos, *args, splits=1)
-    one_grads = triton_mc.margin_ce_bwd_triton(ga, gb, x, W, row, col, pos, one[0], one[1], *args, False, splits=1)
-    for S in (3, 7, 40):
-        got = triton_mc.margin_ce_fwd_triton(x, W, row, col, pos, *args, splits=S)
-        torch.testing.assert_close(got[0], one[0], atol=1e-5, rtol=1e-6)
-        torch.testing.assert_close(got[1], one[1], atol=1e-5, rtol=1e-6)
-        assert torch.equal(got[2], one[2]) and torch.equal(got[3], one[3])  # maxima: exact
-        grads = triton_mc.margin_ce_bwd_triton(ga, gb, x, W, row, col, pos, one[0], one[1], *args, False, splits=S)
-        torch.testing.assert_close(grads[0], one_grads[0], atol=1e-6, rtol=1e-5)
-    with pytest.raises(ValueError, match="splits"):
-        triton_mc.margin_ce_fwd_triton(x, W, row, col, pos, *args, splits=0)
-
-
-def config_id(c):
-    return "-".join(str(v) for v in c.kwargs.values()) + f"-w{c.num_warps}-s{c.num_stages}"
-
-
-@pytest.fixture(scope="module")
-def small_case():
-    B, M, D = 19, 300, 70
-    x, W, row, col, _ = data(B, M, D, torch.float32, False, seed=3)
-    args = (32.0, 1.0, 0.3, 0.1, True, True)
-    ga, gb = incoming_grads(B, seed=4)
-    want, want_grads = cpp_fwd_bwd(x, W, row, col, None, args, ga, gb)
-    return (x, W, row, col, args, ga, gb), want, want_grads
-
-
-@pytest.mark.parametrize("config", triton_mc.FWD_CONFIGS, ids=config_id)
-def test_every_forward_config(config, small_case):
-    (x, W, row, col, args, *_), want, _ = small_case
-    assert_stats_close(triton_mc.margin_ce_fwd_triton(x, W, row, col, None, *args, config=config, splits=2), want)
-
-
-@pytest.mark.parametrize("config", triton_mc.BWD_X_CONFIGS, ids=config_id)
-def test_every_grad_x_config(config, small_case):
-    (x, W, row, col, args, ga, gb), want, want_grads = small_case
-    out = triton_mc.margin_ce_bwd_triton(ga, gb, x, W, row, col, None, want[0].to(DEVICE), want[1].to(DEVICE),
-                                         *args, False, config_x=config, splits=2)
-    assert out[1] is None
-    assert_grads_close(out[:1], want_grads[:1])
-
-
-@pytest.mark.parametrize("config", triton_mc.BWD_W_CONFIGS, ids=config_id)
-def test_every_grad_w_config(config, small_case):
-    (x, W, row, col, args, ga, gb), want, want_grads = small_case
-    out = triton_mc.margin_ce_bwd_triton(ga, gb, x, W, row, col, None, want[0].to(DEVICE), want[1].to(DEVICE),
-                                         *args, True, config_w=config)
-    assert_grads_close(out, want_grads)
-
-
-def test_autotune_switch(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    monkeypatch.delenv(triton_mc.AUTOTUNE_ENV, raising=False)
-    assert triton_mc.autotune_enabled()
-    monkeypatch.setenv(triton_mc.AUTOTUNE_ENV, "0")
-    assert not triton_mc.autotune_enabled()
-    monkeypatch.setenv(triton_mc.AUTOTUNE_ENV, "1")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert not triton_mc.autotune_enabled()
-
-
-def test_interpreter_runs_first_configs(monkeypatch, small_case):
-    (x, W, row, col, args, ga, gb), want, _ = small_case
-    monkeypatch.setattr(triton_mc, "_CHOSEN", {})
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    triton_mc.margin_ce_bwd_triton(ga, gb, x, W, row, col, None, want[0].to(DEVICE), want[1].to(DEVICE), *args, True)
-    rows = {r["kernel"]: r for r in triton_mc.chosen_configs()}
-    assert rows["bwd_x"]["config"] == str(triton_mc.BWD_X_CONFIGS[0])
-    assert rows["bwd_w"]["config"] == str(triton_mc.BWD_W_CONFIGS[0])
-    assert (rows["bwd_x"]["B"], rows["bwd_x"]["M"], rows["bwd_x"]["D"]) == (32, 512, 128)
-    assert rows["bwd_x"]["dtype"] == "float32" and rows["bwd_x"]["splits"] == 1
-
-
-class FakeTuner:
-    """Stands in for triton.autotune's wrapper: runs `best` and records the launch's arguments."""
-
-    def __init__(self, kernel, best):
-        self.kernel, self.best_config, self.calls = kernel, best, []
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            self.calls.append(kwargs)
-            self.kernel[grid](*args, **kwargs, **self.best_config.all_kwargs())
-        return launch
-
-
-def test_autotuned_launch_uses_the_tuned_config(monkeypatch, small_case, capsys):
-    """The GPU path's wiring: the grid follows the tuned config's META, keys are power-of-two
-    buckets plus WITH_POS, and chosen_configs reports the tuned config."""
-    (x, W, row, col, args, *_), want, _ = small_case
-    best = triton_mc.FWD_CONFIGS[3]
-    fake = FakeTuner(triton_mc._fwd_kernel, best)
-    monkeypatch.setattr(triton_mc._FWD, "tuner", fake)
-    monkeypatch.setattr(triton_mc, "autotune_enabled", lambda: True)
-    monkeypatch.setattr(triton_mc, "_CHOSEN", {})
-    assert_stats_close(triton_mc.margin_ce_fwd_triton(x, W, row, col, None, *args, splits=3), want)
-    (call,) = fake.calls
-    assert (call["KEY_B"], call["KEY_M"], call["KEY_D"], call["WITH_POS"]) == (32, 512, 128, False)
-    assert "BLOCK_B" not in call  # the tuner, not the launcher, picks the tile
-    (row_,) = triton_mc.chosen_configs()
-    assert row_["config"] == str(best) and row_["splits"] == 3
-    triton_mc.print_chosen_configs()
-    assert "fwd B<=32 M<=512 D<=128 float32" in capsys.readouterr().out
-
-
-def test_auto_splits_rule():
-    assert triton_mc.auto_splits(512, 10**6, 132) == 66  # H100 target: 4 row blocks x 66 slices
-    assert triton_mc.auto_splits(512, 10**6, 0) == 1  # not a GPU
-    assert triton_mc.auto_splits(512, 10_000, 132) == 2  # slices of >= MIN_SPLIT_COLS columns
-    assert triton_mc.auto_splits(64 * 1024, 10**6, 132) == 1  # enough row blocks already
-    assert triton_mc.auto_splits(5, 1000, 132) == 1
-    x = torch.zeros(3, 4)
-    assert triton_mc.resolve_splits(None, 512, 10**6, x.device) == 1  # CPU
-
-
-def test_rejects_m1_other_than_one():
-    x, W, row, col, _ = data(4, 10, 3, torch.float32, False)
-    with pytest.raises(ValueError, match="m1 = 1"):
-        triton_mc.margin_ce_fwd_triton(x, W, row, col, None, 10.0, 1.2, 0.0, 0.0, True, True)
-
-
-def test_tune_cli_on_cpu(capsys):
-    from protomem.triton import tune
-
-    tune.main(["--device", DEVICE, "--B", "5", "--M", "70", "--D", "16", "--splits", "auto,2", "--grad-w"])
-    out = capsys.readouterr().out
-    assert out.count("backward:") == 2 and out.count("total:") == 2
-    for k in ("splits=auto (auto: 1)", "fwd B<=8 M<=128 D<=16 bfloat16", "bwd_x", "bwd_w"):
-        assert k in out, k
+def test_chosen_configs_are_recorded(triton_ops):
+    c = to_dev(make(5, 90, 16, torch.float32, "random"))
+    K._CHOSEN.clear()
+    margin_cross_entropy(c["x"], c["W"].requires_grad_(), c["row"], c["col"], scale=8.0).backward()
+    kinds = {r["kernel"] for r in K.chosen_configs()}
+    assert kinds == {"fwd", "bwd_w"}

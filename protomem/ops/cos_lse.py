@@ -10,6 +10,32 @@ import torch
 PRECISIONS = ("default", "highest")
 
 
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def check_args(x, W, row_labels, col_labels, scale, precision):
+    """TypeError / ValueError naming the argument, before any kernel runs (both devices)."""
+    for name, t in (("x", x), ("W", W)):
+        if t.dtype not in _FLOATS:
+            raise TypeError(f"{name} must be float32, bfloat16, float16 or float64, got {t.dtype}")
+        if t.dim() != 2:
+            raise ValueError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
+    if W.shape[1] != x.shape[1]:
+        raise ValueError(f"W.size(1) must equal x.size(1) ({x.shape[1]}), got shape {tuple(W.shape)}")
+    for name, t, n in (("row_labels", row_labels, x.shape[0]), ("col_labels", col_labels, W.shape[0])):
+        if t.dtype != torch.int64:
+            raise TypeError(f"{name} must be int64, got {t.dtype}")
+        if t.shape != (n,):
+            raise ValueError(f"{name} must have shape [{n}], got {tuple(t.shape)}")
+    for name, t in (("W", W), ("row_labels", row_labels), ("col_labels", col_labels)):
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}; move them to one device")
+    if not scale > 0:
+        raise ValueError(f"scale must be > 0, got {scale}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+
+
 def cos_lse_fwd(x, W, row_labels, col_labels, scale, normalize_x=True, normalize_w=True,
                 precision="default"):
     """The softmax of ``scale * cos(x_i, W_j)`` over each row's other columns (label >= 0 and !=
@@ -26,8 +52,7 @@ def cos_lse_fwd(x, W, row_labels, col_labels, scale, normalize_x=True, normalize
         (its smallest column; -1 if none), direction [B, D] and w_inv_norm [M] (see
         ``protomem.reference.cos_lse_fwd_ref``). Floats float32 (float64 for float64 inputs).
     """
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    check_args(x, W, row_labels, col_labels, scale, precision)
     return torch.ops.protomem.cos_lse_fwd(x, W, row_labels, col_labels, float(scale),
                                           bool(normalize_x), bool(normalize_w), precision)
 
@@ -93,6 +118,7 @@ torch.library.register_autograd("protomem::cos_lse_fwd", _backward, setup_contex
 # set TRITON_INTERPRET first); float64 has no tensor-core path and runs the reference.
 @torch.library.impl("protomem::cos_lse_fwd", "CUDA")
 def _fwd_cuda(x, W, row_labels, col_labels, scale, normalize_x, normalize_w, precision):
+    check_args(x, W, row_labels, col_labels, scale, precision)
     if torch.float64 in (x.dtype, W.dtype):
         from ..reference import cos_lse_fwd_ref
 
