@@ -84,7 +84,7 @@ def random_protocol(n_templates=160, seed=0, E=24):
                                                   (False, False)])
 def test_scores_and_tars_equal_brute_force(norm, detector_score):
     meta, emb = random_protocol()
-    scores = ijb_pair_scores(emb, meta, detector_score=detector_score, norm=norm, block_size=1000)
+    scores = ijb_pair_scores(emb, meta, detector_score=detector_score, norm=norm, block_rows=16)
     expected = brute_force_scores(emb, meta.templates, meta.medias, meta.scores, meta.pairs.numpy(),
                                   norm=norm, detector_score=detector_score)
     assert scores.dtype == torch.float32 and scores.shape == (meta.pairs.shape[0],)
@@ -102,14 +102,30 @@ def test_scores_and_tars_equal_brute_force(norm, detector_score):
 
 def test_block_size_and_order_do_not_matter():
     meta, emb = random_protocol(n_templates=50, seed=1)
-    a = ijb_pair_scores(emb, meta, block_size=7)
-    b = ijb_pair_scores(emb, meta, block_size=1 << 20)
-    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    a = ijb_pair_scores(emb, meta, block_rows=3)
+    b = ijb_pair_scores(emb, meta, block_rows=1 << 20)
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
     perm = torch.randperm(len(meta.names), generator=torch.Generator().manual_seed(0))
     shuffled = IJBMeta("-", "IJBC", [meta.names[i] for i in perm], meta.templates[perm],
                        meta.medias[perm], meta.landmarks[perm], meta.scores[perm], meta.pairs,
                        meta.labels)
     torch.testing.assert_close(ijb_pair_scores(emb[perm], shuffled), a, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("pattern", ["chain", "all"])
+def test_pair_scores_dense_and_sparse(pattern):
+    """A chain of pairs (t, t+1) is scored row-wise, all pairs by matrix products: both the dot."""
+    g = torch.Generator().manual_seed(3)
+    ids = torch.arange(300) * 2 + 1
+    feats = torch.nn.functional.normalize(torch.randn(300, 16, generator=g), dim=1)
+    if pattern == "chain":
+        rows = torch.stack([torch.arange(299), torch.arange(1, 300)], 1)
+    else:
+        rows = torch.cartesian_prod(torch.arange(300), torch.arange(300))
+    rows = rows[torch.randperm(rows.shape[0], generator=g)]
+    # chain: 299 pairs in a 299 x 299 rectangle, sparse; all: 37 x 300 rectangles, dense
+    got = template_pair_scores(ids, feats, ids[rows], block_rows=1024 if pattern == "chain" else 37)
+    torch.testing.assert_close(got, (feats[rows[:, 0]] * feats[rows[:, 1]]).sum(1), rtol=0, atol=1e-6)
 
 
 def test_pair_scores_reject_unknown_templates():

@@ -16,7 +16,7 @@ __all__ = ["IJB_FARS", "evaluate_ijb", "ijb_pair_scores", "ijb_tars"]
 IJB_FARS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 
 
-def ijb_pair_scores(embeddings, meta, detector_score=True, norm=True, block_size=65536, device=None):
+def ijb_pair_scores(embeddings, meta, detector_score=True, norm=True, block_rows=1024, device=None):
     """The score of every template pair of the protocol from the crops' embeddings.
 
     Args:
@@ -24,7 +24,7 @@ def ijb_pair_scores(embeddings, meta, detector_score=True, norm=True, block_size
         meta: ``IJBMeta``.
         detector_score: weight each crop by its detector score.
         norm: keep the embedding norms as quality weights (False: normalise each crop).
-        block_size: pairs scored at a time.
+        block_rows: first templates of pairs scored at a time (``template_pair_scores``).
         device: where to pool and score; default the embeddings' device.
 
     Returns:
@@ -36,7 +36,7 @@ def ijb_pair_scores(embeddings, meta, detector_score=True, norm=True, block_size
     device = embeddings.device if device is None else torch.device(device)
     feats = crop_features(embeddings.to(device), meta.scores if detector_score else None, norm)
     ids, tfeats = template_features(feats, meta.templates, meta.medias)
-    return template_pair_scores(ids, tfeats, meta.pairs, block_size).cpu()
+    return template_pair_scores(ids, tfeats, meta.pairs, block_rows).cpu()
 
 
 def ijb_tars(scores, labels, fars=IJB_FARS):
