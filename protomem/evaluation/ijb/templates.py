@@ -16,17 +16,17 @@ def crop_features(embeddings, detector_scores=None, norm=True):
             False: L2-normalise each crop first.
 
     Returns:
-        float64 [N, E].
+        float32 [N, E] (float64 for float64 embeddings).
     """
-    x = embeddings.double()
+    x = embeddings.double() if embeddings.dtype == torch.float64 else embeddings.float()
     if not norm:
         x = F.normalize(x, dim=1)
     if detector_scores is not None:
-        x = x * torch.as_tensor(detector_scores, dtype=torch.float64, device=x.device)[:, None]
+        x = x * torch.as_tensor(detector_scores, dtype=x.dtype, device=x.device)[:, None]
     return x
 
 
-def template_features(features, templates, medias):
+def template_features(features, templates, medias, chunk=65536):
     """Media pooling: the mean of a template's crops within each media (a photo, or the frames of
     one video), summed over its medias, L2-normalised (insightface's ``image2template_feature``;
     the sum and the mean over medias normalise to the same vector).
@@ -35,6 +35,8 @@ def template_features(features, templates, medias):
         features: [N, E] float crop features (``crop_features``).
         templates: [N] int64 template id of each crop.
         medias: [N] int64 media id of each crop.
+        chunk: crops added up at a time (sums in float64, a chunk at a time: memory stays near
+            the features' own at IJB-C's 470k crops).
 
     Returns:
         (int64 [T] template ids, ascending; float32 [T, E] normalised template features, row t for
@@ -43,11 +45,13 @@ def template_features(features, templates, medias):
     templates = torch.as_tensor(templates, device=features.device)
     medias = torch.as_tensor(medias, device=features.device)
     groups, group_of = torch.unique(torch.stack([templates, medias], 1), dim=0, return_inverse=True)
-    sums = features.new_zeros(groups.shape[0], features.shape[1]).index_add_(0, group_of, features)
-    counts = torch.bincount(group_of, minlength=groups.shape[0]).to(features.dtype)
+    sums = features.new_zeros(groups.shape[0], features.shape[1], dtype=torch.float64)
+    for a in range(0, features.shape[0], chunk):
+        sums.index_add_(0, group_of[a:a + chunk], features[a:a + chunk].double())
+    counts = torch.bincount(group_of, minlength=groups.shape[0]).to(torch.float64)
     media_means = sums / counts[:, None]
     ids, template_of = torch.unique(groups[:, 0], return_inverse=True)
-    pooled = features.new_zeros(ids.numel(), features.shape[1]).index_add_(0, template_of, media_means)
+    pooled = media_means.new_zeros(ids.numel(), features.shape[1]).index_add_(0, template_of, media_means)
     return ids, F.normalize(pooled, dim=1).float()
 
 
