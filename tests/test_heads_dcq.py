@@ -93,3 +93,16 @@ def test_momentum_encoder_is_an_ema_without_gradient():
     assert set(ema.state_dict()) == {"encoder." + k for k in net.state_dict()}
     with pytest.raises(ValueError, match="momentum"):
         MomentumEncoder(net, momentum=1.0)
+
+
+def test_batch_larger_than_the_queue_is_an_error_before_any_change():
+    head = DCQLoss(8, 5)
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(4, 8, generator=g), torch.randn(4, 8, generator=g)
+    head(q, k, torch.arange(4))
+    before = {name: t.clone() for name, t in head.state_dict().items()}
+    q, k = torch.randn(6, 8, generator=g), torch.randn(6, 8, generator=g)
+    with pytest.raises(ValueError, match="the batch has 6 keys .* but the queue only 5 entries"):
+        head(q, k, torch.arange(6))
+    for name, t in head.state_dict().items():
+        assert torch.equal(t, before[name]), name

@@ -57,13 +57,14 @@ def test_bad_data_path(tmp_path):
 @pytest.mark.parametrize("head", ["pm", "dcq", "pfc"])
 def test_resume_continues_exactly(tmp_path, head):
     """12 steps in one go == 5 steps, save, a new process-like Trainer resuming, 7 steps."""
-    straight = Trainer(tiny(tmp_path / "a", head=head, max_steps=12, pm_momentum=0.5))
+    opts = dict(head=head, max_steps=12, pm_momentum=0.5, queue_size=64)
+    straight = Trainer(tiny(tmp_path / "a", **opts))
     straight.fit()
-    first = Trainer(tiny(tmp_path / "b", head=head, max_steps=12, pm_momentum=0.5))
+    first = Trainer(tiny(tmp_path / "b", **opts))
     first.fit(until=5)
     assert first.step == 5 and os.path.exists(tmp_path / "b" / "checkpoint.pt")
     torch.manual_seed(1234)  # the resumed run must not depend on the RNG state it starts with
-    resumed = Trainer(tiny(tmp_path / "b", head=head, max_steps=12, pm_momentum=0.5, resume="auto"))
+    resumed = Trainer(tiny(tmp_path / "b", **opts, resume="auto"))
     assert resumed.step == 5
     resumed.fit()
     for a, b in zip(straight.encoder.state_dict().values(), resumed.encoder.state_dict().values()):
@@ -92,7 +93,7 @@ def test_tiny_run_learns(tmp_path):
 
 
 @pytest.mark.parametrize("kw", [dict(head="full", amp="bf16"), dict(head="pfc", accum_steps=2),
-                                dict(head="dcq", clip_grad=1.0, optimizer="adamw", lr=1e-3),
+                                dict(head="dcq", queue_size=64, clip_grad=1.0, optimizer="adamw", lr=1e-3),
                                 dict(head="pm", exemplars="leave_one_out", schedule="cosine")],
                          ids=["full-bf16", "pfc-accum2", "dcq-clip-adamw", "pm-loo-cosine"])
 def test_heads_and_options_run(tmp_path, kw):

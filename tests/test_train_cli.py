@@ -110,3 +110,10 @@ def test_start_up_summary(tmp_path, capsys):
     text = trainer.describe()
     assert "device cpu" in text and "steps 0 -> 8" in text and "8 identities x 2 samples = 16 rows" in text
     assert "pm (Prototype Memory), memory 30 slots" in text and "200 identities" in text
+
+
+def test_dcq_queue_smaller_than_a_batch_is_an_argparse_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        train.main(SMALL + ["--head", "dcq", "--queue-size", "10", "--out", str(tmp_path)])
+    assert stop.value.code == 2
+    assert "argument --queue-size: the queue (10 entries) is smaller than the 16 keys" in capsys.readouterr().err

@@ -95,7 +95,8 @@ class PartialFCLoss(nn.Module):
         """Statistics of the last step (one host sync): loss and its parts (mean ``lse`` and
         ``target_logit``), accuracy (top-1 over the sampled classes, without margin), rows,
         sampled (classes used, all ranks), positive_age (mean steps since the batch's classes were
-        last sampled, -1 for never)."""
+        last sampled, -1 for never), committed (False for a non-finite step, which left the
+        sampling step and ``last_sampled`` as they were)."""
         return self._stats.as_dict()
 
     def forward(self, embeddings, labels):
@@ -133,15 +134,19 @@ class PartialFCLoss(nn.Module):
             age = torch.where(seen >= 0, self.step - seen, -1)
             age_sum = torch.where(mine, age, 0).sum().float()
             sampled = torch.tensor(float(W.shape[0]), device=X.device)
-            if cols is None:
-                self.last_sampled.fill_(self.step)
-            else:
-                self.last_sampled[cols] = self.step
-            self.step += 1
         loss, stats = _combine_shards(lse, target, best_t, best_o, (age_sum, sampled))
+        with torch.no_grad():
+            # a non-finite step (the same global loss on every rank) leaves the sampling state as
+            # it was, decided on the device: the next step draws the same sample again
+            ok = torch.isfinite(loss.detach())
+            if cols is None:
+                self.last_sampled.copy_(torch.where(ok, self.step, self.last_sampled))
+            else:
+                self.last_sampled[cols] = torch.where(ok, self.step, self.last_sampled[cols])
+            self.step += ok.long()
         n = Y.shape[0]
         self._stats.set(loss=loss, lse=stats[1] / n, target_logit=stats[2] / n, accuracy=stats[0] / n,
-                        rows=n, sampled=stats[4], positive_age=stats[3] / n)
+                        rows=n, sampled=stats[4], positive_age=stats[3] / n, committed=ok)
         return loss
 
     def _target_index(self, Y, cols):

@@ -77,6 +77,10 @@ def build_head(cfg, num_classes, device):
             quality=cfg["quality"], memory_dtype=_DTYPES[cfg["memory_dtype"]], device=device)
     if head == "dcq":
         K = _fraction_size(cfg["queue_size"], cfg["queue_fraction"], num_classes)
+        rows = cfg["identities_per_batch"] * cfg["samples_per_identity"]
+        if K < rows:
+            raise ConfigError(f"argument --queue-size: the queue ({K} entries) is smaller than the {rows} "
+                              "keys of one batch; raise --queue-size (or --queue-fraction) or lower the batch")
         return losses.DCQLoss(D, K, margin=margin, queue_dtype=_DTYPES[cfg["memory_dtype"]], device=device)
     if head == "pfc":
         return losses.PartialFCLoss(D, num_classes, cfg["sample_rate"], margin=margin, seed=cfg["seed"], device=device)
