@@ -47,6 +47,10 @@ if command -v compute-sanitizer > /dev/null; then
 else
   echo "compute-sanitizer not found: skipped"
 fi
+# The static sm_90a report of the Triton kernels (registers, spills, SASS per logit), kept next to
+# the measured times so the model in benchmarks/NOTES.md can be checked against them.
+run static_report python -m protomem.triton.inspect --B 512 --M 1e6 --D 512 --dtype bfloat16 \
+  --json "$out/static_report.json"
 # One process per bench; one bench may take at most 4 minutes.
 run bench python benchmarks/run.py --device cuda --out "$out" --timeout 240
 echo "suite: $SECONDS s of ${budget} s"
