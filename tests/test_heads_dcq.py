@@ -95,14 +95,14 @@ def test_momentum_encoder_is_an_ema_without_gradient():
         MomentumEncoder(net, momentum=1.0)
 
 
-def test_batch_larger_than_the_queue_is_an_error_before_any_change():
+
+def test_batch_larger_than_the_queue_keeps_its_last_keys():
+    """As documented: the keys wrap around the ring, the last queue_size of them stay."""
     head = DCQLoss(8, 5)
     g = torch.Generator().manual_seed(0)
-    q, k = torch.randn(4, 8, generator=g), torch.randn(4, 8, generator=g)
-    head(q, k, torch.arange(4))
-    before = {name: t.clone() for name, t in head.state_dict().items()}
-    q, k = torch.randn(6, 8, generator=g), torch.randn(6, 8, generator=g)
-    with pytest.raises(ValueError, match="the batch has 6 keys .* but the queue only 5 entries"):
-        head(q, k, torch.arange(6))
-    for name, t in head.state_dict().items():
-        assert torch.equal(t, before[name]), name
+    q, k = torch.randn(7, 8, generator=g), torch.randn(7, 8, generator=g)
+    head(q, k, torch.arange(10, 17))
+    head.flush()
+    order = torch.argsort(head.queue.labels)
+    assert head.queue.labels[order].tolist() == list(range(12, 17))
+    torch.testing.assert_close(head.queue.keys[order], k[2:], atol=0, rtol=0)

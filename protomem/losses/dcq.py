@@ -68,7 +68,11 @@ class DCQLoss(nn.Module):
 
         Raises:
             TypeError / ValueError: bad shapes, dtypes or devices, negative labels (one host sync
-                checks them), a global batch larger than the queue, before any state changes.
+                checks them), before any state changes.
+
+        A global batch larger than the queue is allowed: its keys wrap around the ring, so the
+        queue then holds the batch's last ``queue_size`` keys only (the trainer's CLI refuses
+        such a --queue-size, which is almost surely a mistake).
         """
         device = self.queue.keys.device
         check_embeddings(q, self.embedding_size, device, "q")
@@ -84,9 +88,6 @@ class DCQLoss(nn.Module):
         K, Y, _ = distributed.gather_batch(k, y, with_grad=False)
         if bool((Y < 0).any()):
             raise ValueError("labels must be non-negative class ids")
-        if K.shape[0] > self.queue.queue_size:  # a step would overwrite its own keys
-            raise ValueError(f"the batch has {K.shape[0]} keys (all ranks) but the queue only "
-                             f"{self.queue.queue_size} entries: queue_size must be >= the global batch")
         bad = (~torch.isfinite(q).all() | ~torch.isfinite(K).all()).to(torch.float32)
         ok = distributed.all_reduce(bad[None], op="max")[0] == 0  # one rank's NaN skips all
         pos = cosine(q, k)
