@@ -240,13 +240,13 @@ def test_missing_and_unreadable_images(release, tmp_path):
     copy_release(root, str(tmp_path / "r"))
     os.remove(str(tmp_path / "r" / "loose_crop" / truth["names"][2]))
     os.remove(str(tmp_path / "r" / "loose_crop" / truth["names"][5]))
-    with pytest.raises(IJBFormatError, match=r"3.png: missing \(crop 3, line 3 .* 2 of"):
+    with pytest.raises(IJBFormatError, match=r"3.png: missing, listed at .*ijbc_face_tid_mid.txt:3 \(2 of"):
         evaluate_ijb(PixelNet(), str(tmp_path / "r"), progress=False)
     with open(str(tmp_path / "r" / "loose_crop" / truth["names"][2]), "wb") as f:
         f.write(b"not an image")
     with open(str(tmp_path / "r" / "loose_crop" / truth["names"][5]), "wb") as f:
         f.write(b"not an image")
-    with pytest.raises(IJBFormatError, match=r"3.png: cannot read the image of crop 3"):
+    with pytest.raises(IJBFormatError, match=r"3.png: cannot read the image listed at .*face_tid_mid.txt:3"):
         evaluate_ijb(PixelNet(), str(tmp_path / "r"), progress=False)
 
 

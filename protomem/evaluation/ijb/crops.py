@@ -28,8 +28,8 @@ class AlignedCrops(torch.utils.data.Dataset):
             with open(path, "rb") as f:
                 image = decode_image(f.read())
         except (OSError, ValueError) as err:
-            raise IJBFormatError(f"{path}: cannot read the image of crop {i + 1} "
-                                 f"({self.meta.names[i]!r}): {err}") from None
+            raise IJBFormatError(f"{path}: cannot read the image listed at {self.meta.where(i)}: "
+                                 f"{err}") from None
         return align_face(image, self.meta.landmarks[i])
 
 
@@ -39,8 +39,8 @@ def check_images(meta):
     missing = [i for i in range(len(meta.names)) if not os.path.isfile(meta.image_path(i))]
     if missing:
         i = missing[0]
-        raise IJBFormatError(f"{meta.image_path(i)}: missing (crop {i + 1}, line {i + 1} of the "
-                             f"face_tid_mid file; {len(missing)} of {len(meta.names)} crops missing)")
+        raise IJBFormatError(f"{meta.image_path(i)}: missing, listed at {meta.where(i)} "
+                             f"({len(missing)} of {len(meta.names)} crop images missing)")
 
 
 class _Progress:

@@ -41,6 +41,7 @@ class IJBMeta:
         scores: float32 [N], the detector (faceness) score of each crop.
         pairs: int64 [P, 2], template ids of each verification pair.
         labels: bool [P], True for a genuine (same-identity) pair.
+        lines: where each crop is listed, ``"<face_tid_mid file>:<line>"`` (None: unknown).
     """
 
     root: str
@@ -52,6 +53,11 @@ class IJBMeta:
     scores: torch.Tensor
     pairs: torch.Tensor
     labels: torch.Tensor
+    lines: list = None
+
+    def where(self, i):
+        """Where crop ``i`` is listed (str): its file and line, or its position."""
+        return self.lines[i] if self.lines is not None else f"crop {i + 1}"
 
     def image_path(self, i):
         """The file of crop ``i`` (str)."""
@@ -93,14 +99,15 @@ def _parse(path, number, fields, count, convert, skip=1):
 
 
 def _read_face_tid_mid(path):
-    names, ids = [], []
+    names, ids, lines = [], [], []
     for number, fields in _lines(path):
         ids.append(_parse(path, number, fields, 3, int))
         names.append(fields[0])
+        lines.append(f"{path}:{number}")
     if not names:
         raise IJBFormatError(f"{path}: no crops listed")
     ids = torch.tensor(ids, dtype=torch.int64)
-    return names, ids[:, 0], ids[:, 1]
+    return names, ids[:, 0], ids[:, 1], lines
 
 
 def _read_name_5pts_score(path, names):
@@ -185,7 +192,7 @@ def read_ijb_meta(root, target):
     paths = meta_paths(root, target)
     for path in paths.values():
         _check_file(path)
-    names, templates, medias = _read_face_tid_mid(paths["face_tid_mid"])
+    names, templates, medias, lines = _read_face_tid_mid(paths["face_tid_mid"])
     landmarks, scores, numbers = _read_name_5pts_score(paths["name_5pts_score"], names)
     bad = degenerate_landmarks(landmarks).nonzero()[:, 0]
     if bad.numel():
@@ -194,4 +201,4 @@ def read_ijb_meta(root, target):
                              f"(they nearly coincide; {bad.numel()} such lines)")
     pairs, labels = _read_pairs(paths["template_pair_label"])
     _check_pair_templates(paths["template_pair_label"], pairs, templates)
-    return IJBMeta(root, target, names, templates, medias, landmarks, scores, pairs, labels)
+    return IJBMeta(root, target, names, templates, medias, landmarks, scores, pairs, labels, lines)
