@@ -52,7 +52,8 @@ def plot_roc(curves, path, title="1:1 verification", marks=None):
         raise ImportError("the ROC plot needs matplotlib: pip install matplotlib") from err
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for label, (far, tar) in curves.items():
-        ax.plot(far.numpy(), tar.numpy(), label=label)
+        # between exact thresholds the ROC is flat until the next accepted impostor
+        ax.step(far.numpy(), tar.numpy(), where="post", label=label)
     for far in marks or ():
         ax.axvline(far, color="0.85", lw=0.8, zorder=0)
     ax.set(xscale="log", xlabel="false accept rate", ylabel="true accept rate", title=title,
