@@ -141,19 +141,3 @@ def _bwd_w_cuda(grad_lse, x, W, row_labels, col_labels, lse, w_inv_norm, scale, 
     return cos_lse_bwd_w_triton(grad_lse, x, W, row_labels, col_labels, lse, w_inv_norm, scale,
                                 normalize_x, normalize_w, precision)
 
-
-# TEMPORARY bridge while the C++ CPU kernel is being written: the reference as the CPU kernel.
-if not torch._C._dispatch_has_kernel_for_dispatch_key("protomem::cos_lse_fwd", "CPU"):
-    @torch.library.impl("protomem::cos_lse_fwd", "CPU")
-    def _fwd_cpu_bridge(x, W, row_labels, col_labels, scale, normalize_x, normalize_w, precision):
-        from ..reference import cos_lse_fwd_ref
-
-        return cos_lse_fwd_ref(x, W, row_labels, col_labels, scale, normalize_x, normalize_w)
-
-    @torch.library.impl("protomem::cos_lse_bwd_w", "CPU")
-    def _bwd_w_cpu_bridge(grad_lse, x, W, row_labels, col_labels, lse, w_inv_norm, scale,
-                          normalize_x, normalize_w, precision):
-        from ..reference import cos_lse_bwd_w_ref
-
-        return cos_lse_bwd_w_ref(grad_lse, x, W, row_labels, col_labels, lse, scale, normalize_x,
-                                 normalize_w)
