@@ -92,6 +92,8 @@ TORCH_LIBRARY(protomem, m) {
         " Tensor lse, Tensor w_inv_norm, float scale, bool normalize_x, bool normalize_w,"
         " str precision) -> Tensor grad_W");
   // Writes keys [N, D] and labels [N] into the ring at its head, overwriting the oldest.
+  // done: int64 [1] zero on the device, the CUDA kernel's count of finished rows (left at zero),
+  // so that the last row advances the ring in the same kernel (unused on CPU).
   m.def("queue_enqueue_(Tensor(a!) queue, Tensor(b!) queue_labels, Tensor(c!) counters,"
-        " Tensor keys, Tensor labels) -> ()");
+        " Tensor keys, Tensor labels, Tensor(d!)? done=None) -> ()");
 }

@@ -238,6 +238,8 @@ class ClassQueue(nn.Module):
         self.register_buffer("keys", torch.zeros(queue_size, embedding_size, dtype=dtype, device=device))
         self.register_buffer("labels", torch.full((queue_size,), -1, dtype=torch.long, device=device))
         self.register_buffer("counters", torch.zeros(3, dtype=torch.long, device=device))
+        # the CUDA enqueue's count of finished rows, always zero between calls (not state)
+        self.register_buffer("_done", torch.zeros(1, dtype=torch.long, device=device), persistent=False)
 
     @torch.no_grad()
     def enqueue(self, keys, labels, commit=None):
@@ -252,7 +254,7 @@ class ClassQueue(nn.Module):
             keys = torch.where(commit, keys, self.keys[pos])  # promotes: old rows stay exact
             labels = torch.where(commit, labels, self.labels[pos])
             saved = self.counters.clone()
-        queue_enqueue_(self.keys, self.labels, self.counters, keys, labels)
+        queue_enqueue_(self.keys, self.labels, self.counters, keys, labels, self._done)
         if commit is not None:
             self.counters.copy_(torch.where(commit, self.counters, saved))
 

@@ -92,7 +92,7 @@ def queue_enqueue_ref(queue, queue_labels, counters, keys, labels):
     place with keys [N, D], labels [N]."""
     K = queue.shape[0]
     N = keys.shape[0]
-    head = int(counters[Q_HEAD])
+    head = int(counters[Q_HEAD]) % K  # a head outside [0, K) wraps, as in the op
     ok = (labels >= 0) & torch.isfinite(keys.float()).all(dim=1)
     first = max(0, N - K)
     pos = (head + torch.arange(first, N, device=queue.device)) % K

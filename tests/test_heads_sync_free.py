@@ -58,3 +58,24 @@ def test_no_host_sync_on_cuda(name):
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert head.memory.stats()["lost_inserts"] == 0
+
+
+def test_unchecked_negative_labels_are_left_out():
+    """Compiled (no label check, as on CUDA without PROTOMEM_DEBUG): rows with a negative label
+    take no part in the loss or the memory; the rest is the step of the batch without them."""
+    a, b = PrototypeMemoryLoss(D, M, momentum=0.3), PrototypeMemoryLoss(D, M, momentum=0.3)
+    step = torch.compile(a, fullgraph=True, backend="aot_eager")
+    for t in range(3):
+        x, y = step_data(t)
+        y[:3] = torch.tensor([-1, -3, -1])
+        keep = y >= 0
+        xa, xb = x.clone().requires_grad_(), x[keep].clone().requires_grad_()
+        la, lb = step(xa, y), b(xb, y[keep])
+        la.backward()
+        lb.backward()
+        torch.testing.assert_close(la, lb, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(xa.grad[keep], xb.grad, atol=1e-5, rtol=1e-4)
+        assert (xa.grad[~keep] == 0).all()
+    assert torch.equal(a.memory.slot_labels, b.memory.slot_labels)
+    torch.testing.assert_close(a.memory.protos, b.memory.protos, atol=1e-6, rtol=0)
+    assert a.memory.stats()["rejected"] == 3  # class -3 in each step; -1 is padding

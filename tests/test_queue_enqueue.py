@@ -67,3 +67,33 @@ def test_state_round_trip(device):
     b.enqueue(keys, labels)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     assert "queue_size=6" in repr(a)
+
+
+@pytest.mark.parametrize("head", [-4, 9, 2**45 + 3])
+def test_head_out_of_range_is_wrapped(device, head):
+    K, D = 7, 3
+    gen = torch.Generator().manual_seed(5)
+    q = protomem.ClassQueue(K, D, device=device)
+    ref = [q.keys.cpu().clone(), q.labels.cpu().clone(), q.counters.cpu().clone()]
+    for step, N in enumerate([3, 9, 1]):
+        q.counters[0], ref[2][0] = head + step, head + step
+        keys, labels = torch.randn(N, D, generator=gen), torch.randint(0, 50, (N,), generator=gen)
+        q.enqueue(keys.to(device), labels.to(device))
+        queue_enqueue_ref(*ref, keys, labels)
+        assert torch.equal(q.labels.cpu(), ref[1]) and torch.equal(q.counters.cpu(), ref[2])
+        torch.testing.assert_close(q.keys.cpu(), ref[0])
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cuda_enqueue_is_one_kernel_and_leaves_its_ticket_at_zero():
+    q = protomem.ClassQueue(50, 8, device="cuda")
+    keys, labels = torch.randn(37, 8, device="cuda"), torch.arange(37, device="cuda")
+    q.enqueue(keys, labels)
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        q.enqueue(keys, labels)
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert len(kernels) == 1, [e.name for e in kernels]
+    assert q._done.item() == 0 and q.stats()["head"] == 74 % 50 and q.stats()["enqueued"] == 74

@@ -12,7 +12,8 @@ namespace protomem {
 namespace {
 
 void queue_enqueue_cpu(at::Tensor queue, at::Tensor queue_labels, at::Tensor counters,
-                       const at::Tensor& keys_in, const at::Tensor& labels_in) {
+                       const at::Tensor& keys_in, const at::Tensor& labels_in,
+                       const c10::optional<at::Tensor>& /*done: CUDA only*/) {
   check_queue_args(queue, queue_labels, counters, keys_in, labels_in);
   const int64_t K = queue.size(0), D = queue.size(1), N = keys_in.size(0);
   auto keys = keys_in.to(at::kFloat).contiguous();
@@ -21,7 +22,7 @@ void queue_enqueue_cpu(at::Tensor queue, at::Tensor queue_labels, at::Tensor cou
   int64_t* QL = queue_labels.data_ptr<int64_t>();
   const float* k = keys.data_ptr<float>();
   const int64_t* lab = labels.data_ptr<int64_t>();
-  const int64_t head = C[kQueueHead];
+  const int64_t head = ring_head(C[kQueueHead], K);
   const int64_t first = std::max<int64_t>(0, N - K);  // only the newest K rows survive
   std::vector<uint8_t> ok(N);
   int64_t rejected = 0;

@@ -64,6 +64,27 @@ __device__ T block_sum(T v) {
   return total;
 }
 
+// Sums each of v[0..N) over a block of blockDim.x threads (a multiple of 32, at most 1024) with
+// one pair of barriers; every thread gets the totals in v.
+template <int N, typename T>
+__device__ void block_sum_each(T (&v)[N]) {
+  __shared__ T partial[N][kWarp];
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+#pragma unroll
+  for (int j = 0; j < N; ++j) v[j] = warp_sum(v[j]);
+  __syncthreads();  // partial may still be read by a previous call
+  if (lane == 0) {
+#pragma unroll
+    for (int j = 0; j < N; ++j) partial[j][warp] = v[j];
+  }
+  __syncthreads();
+#pragma unroll
+  for (int j = 0; j < N; ++j) {
+    v[j] = 0;
+    for (int w = 0; w < static_cast<int>(blockDim.x / kWarp); ++w) v[j] += partial[j][w];
+  }
+}
+
 // Exclusive prefix sum of v over a block of blockDim.x threads (a multiple of 32, at most 1024),
 // in thread order; *total gets the block's sum. Every thread of the block must call it.
 __device__ __forceinline__ int64_t block_exclusive_scan(int64_t v, int64_t* total) {

@@ -157,11 +157,9 @@ plan_kernel(int64_t* slot_labels, int64_t* index_keys, int64_t capacity, int64_t
     out[u] = ws.valid[u] ? ws.slot[u]
                          : (old >= 0 && slot_labels[old] == classes[u] ? old : -1);
   }
-  hits = block_sum(hits);
-  n_valid = block_sum(n_valid);
-  inserts = block_sum(inserts);
-  padding = block_sum(padding);
-  evictions = block_sum(evictions);
+  int64_t sums[5] = {hits, n_valid, inserts, padding, evictions};
+  block_sum_each(sums);
+  hits = sums[0], n_valid = sums[1], inserts = sums[2], padding = sums[3], evictions = sums[4];
   if (t != 0) return;
   int64_t* C = counters;
   ws.misc[kMiscStamp] = C[kStep];

@@ -111,6 +111,12 @@ class PrototypeMemoryLoss(nn.Module):
         Raises:
             TypeError / ValueError: bad shapes, dtypes, devices, negative labels, or more
                 distinct classes in the (global) batch than ``memory_size``; nothing is changed.
+                Negative labels are checked on CPU, and on CUDA only with PROTOMEM_DEBUG=1 (the
+                check would wait for the device); unchecked, their rows are left out of the loss
+                and of the memory.
+
+        No host synchronisation on CUDA while the global batch has at most ``memory_size``
+        rows, so the step can be captured in a CUDA graph or compiled with fullgraph=True.
         """
         mem = self.memory
         check_embeddings(embeddings, self.embedding_size, mem.protos.device)
@@ -158,7 +164,7 @@ class PrototypeMemoryLoss(nn.Module):
         local = row_loss(lse, target, ignored).sum()
         if cross:
             local = local + self._negatives_surrogate(xr, fresh, classes, inv_r, lse, ignored)
-        n_total = (~skipped).sum()
+        n_total = (~skipped & (Y >= 0)).sum()  # rows with a negative label take no part
         correct = ((best_t >= best_o) & ~ignored).sum()
         parts = (correct, torch.where(ignored, 0, lse).detach().sum(), torch.where(ignored, 0, target).detach().sum())
         loss, (n_correct, lse_sum, target_sum) = global_mean(local, n_total, parts)
