@@ -197,3 +197,31 @@ def test_quick_scale_run_on_cpu(tmp_path, capsys):
     assert got["pm", "1000", "time"]["median"] > 0
     assert got["pm", "1000", "state_memory"]["median"] == got["pm", "10000", "state_memory"]["median"] > 0
     assert "checked against protomem.reference: pm, pfc" in capsys.readouterr().out
+
+
+def test_quick_margin_ce_run_on_cpu(tmp_path):
+    """bench_margin_ce: the idiomatic eager head agrees with the reference, every provider gets a
+    time and a peak-memory row with p20 <= median <= p80."""
+    import subprocess
+
+    out = subprocess.run([sys.executable, os.path.join(BENCH, "bench_margin_ce.py"), "--device", "cpu",
+                          "--B", "9", "--M", "300", "--D", "16", "--providers", "eager,fused",
+                          "--rounds", "3", "--min-run-time", "0.01", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "fused / eager: time" in out.stdout
+    rows = common.read_rows(tmp_path / "margin_ce_cpu_float32.csv")
+    got = {(r["provider"], r["metric"]): r for r in rows}
+    assert set(got) == {(p, m) for p in ("eager", "fused") for m in ("time_fwd_bwd", "peak_memory")}
+    for r in rows:
+        assert r["p20"] <= r["median"] <= r["p80"] and r["median"] >= 0
+
+
+def test_idiomatic_cosface_is_the_reference_loss():
+    import bench_margin_ce
+
+    from protomem.reference import margin_cross_entropy_ref
+
+    x, W, y, col = bench_margin_ce.inputs(7, 50, 12, torch.float64, "cpu", True)
+    want = margin_cross_entropy_ref(x, W, y, col, scale=bench_margin_ce.SCALE, m3=bench_margin_ce.MARGIN)[0]
+    torch.testing.assert_close(bench_margin_ce.idiomatic_cosface(x, W, y).double(), want)
