@@ -55,7 +55,7 @@ def _target_cosines(x, W, cols, valid, normalize_x, normalize_w, dt):
 
 def margin_ce_stats(x, W, row_labels, col_labels, pos_cos=None, *, scale, m1=1.0, m2=0.0, m3=0.0,
                     normalize_x=True, normalize_w=True, target_index=None, precision="default",
-                    backend="auto"):
+                    with_index=False, backend="auto"):
     """Per-row statistics of the margin softmax of x against the columns of W, without the B x M
     logits: what the heads combine across column groups and ranks.
 
@@ -68,7 +68,9 @@ def margin_ce_stats(x, W, row_labels, col_labels, pos_cos=None, *, scale, m1=1.0
         best target cosine (or pos_cos) and the best non-target cosine (-inf if none). The loss of
         a row is ``lse - target``; it is top-1 correct when ``best_target >= best_other``. For
         column shards of one softmax: lse and target combine by logsumexp, the cosines by max.
-        lse and target are differentiable in x, W and pos_cos.
+        lse and target are differentiable in x, W and pos_cos. With ``with_index`` a fifth
+        value, best_other_index [B] int64: the smallest column reaching best_other (-1 if none),
+        which names each row's closest other class (hard-example mining).
     """
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
@@ -79,8 +81,9 @@ def margin_ce_stats(x, W, row_labels, col_labels, pos_cos=None, *, scale, m1=1.0
         from .reference import margin_ce_stats_ref
 
         return margin_ce_stats_ref(x, W, row_labels, col_labels, pos_cos, **margin.params(),
-                                   normalize_x=normalize_x, normalize_w=normalize_w)
-    lse_o, best_o, _, _, _ = cos_lse_fwd(x, W, row_labels, col_labels, margin.scale, normalize_x,
+                                   normalize_x=normalize_x, normalize_w=normalize_w,
+                                   with_index=with_index)
+    lse_o, best_o, best_idx, _, _ = cos_lse_fwd(x, W, row_labels, col_labels, margin.scale, normalize_x,
                                          normalize_w, precision)
     dt = lse_o.dtype
     if pos_cos is not None:
@@ -104,6 +107,8 @@ def margin_ce_stats(x, W, row_labels, col_labels, pos_cos=None, *, scale, m1=1.0
     lse = _safe_logsumexp(torch.stack([lse_o, target], dim=1), dim=1)
     best_target = torch.where(valid, cos_t, _NEG_INF).amax(dim=1) if valid.shape[1] else \
         torch.full_like(lse_o, _NEG_INF)
+    if with_index:
+        return lse, target, best_target.detach(), best_o, best_idx
     return lse, target, best_target.detach(), best_o
 
 

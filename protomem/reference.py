@@ -105,7 +105,7 @@ def queue_enqueue_ref(queue, queue_labels, counters, keys, labels):
 
 
 def margin_ce_stats_ref(x, W, row_labels, col_labels, pos_cos=None, *, scale, m1=1.0, m2=0.0,
-                        m3=0.0, normalize_x=True, normalize_w=True):
+                        m3=0.0, normalize_x=True, normalize_w=True, with_index=False):
     """Materialising reference of ``margin_ce_fwd``: the per-row statistics of the margin softmax.
 
     Logits ``s*cos(x_i, W_j)`` over the columns whose label is >= 0 (a negative column label is
@@ -122,7 +122,8 @@ def margin_ce_stats_ref(x, W, row_labels, col_labels, pos_cos=None, *, scale, m1
         (lse, target, best_target, best_other), each [B] float32 (float64 for float64 inputs):
         the log-sum-exp of all logits and of the target logits (-inf without a target), the best
         target cosine (pos_cos when given) and the best cosine of a live non-target column (-inf
-        if none). lse and target are differentiable.
+        if none). lse and target are differentiable. With ``with_index`` also best_other_index
+        [B] int64: the smallest column reaching best_other (-1 if none).
     """
     from .margins import CombinedMargin
 
@@ -147,7 +148,13 @@ def margin_ce_stats_ref(x, W, row_labels, col_labels, pos_cos=None, *, scale, m1
         target = scale * margin.target_cos(best_target)
         logits = torch.cat([target[:, None], scale * others], dim=1)
     lse = torch.logsumexp(logits, dim=1)
-    return lse, target, best_target.detach(), others.amax(dim=1).detach()
+    best_other = others.amax(dim=1).detach() if others.shape[1] else torch.full_like(lse, float("-inf"))
+    if not with_index:
+        return lse, target, best_target.detach(), best_other
+    cols = torch.arange(W.shape[0], device=x.device)
+    first = torch.where(others == best_other[:, None], cols[None, :], W.shape[0]).amin(dim=1) \
+        if others.shape[1] else torch.zeros_like(row_labels)
+    return lse, target, best_target.detach(), best_other, torch.where(best_other > float("-inf"), first, -1)
 
 
 def margin_cross_entropy_ref(x, W, row_labels, col_labels, pos_cos=None, *, scale, m1=1.0, m2=0.0,

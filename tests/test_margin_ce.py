@@ -231,3 +231,20 @@ def test_torch_compile_fullgraph_triton_op_on_gpu():
     f(x2, W2).backward()
     torch.testing.assert_close(x1.grad, x2.grad, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(W1.grad, W2.grad, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("with_pos", [False, True])
+def test_best_other_index_matches_reference(with_pos):
+    """The closest other column of each row (hard-example mining), ties to the smaller column."""
+    case = make(23, 777, 16, torch.float64, "dominated", dup=True)
+    W = case["W"].clone()
+    W[5], W[9] = W[2], W[2]  # ties between three columns
+    pos = case["pos"] if with_pos else None
+    got = margin_ce_stats(case["x"], W, case["row"], case["col"], pos, **MARGINS[0].params(),
+                          with_index=True)
+    want = margin_ce_stats_ref(case["x"], W, case["row"], case["col"], pos, **MARGINS[0].params(),
+                               with_index=True)
+    assert torch.equal(got[4], want[4])
+    assert (got[4] >= 0).all()
+    cos = torch.nn.functional.normalize(case["x"], dim=1) @ torch.nn.functional.normalize(W, dim=1).T
+    torch.testing.assert_close(cos[torch.arange(23), got[4]], got[3])
