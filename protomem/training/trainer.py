@@ -294,7 +294,13 @@ class Trainer:
         rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        # every rank's optimiser state: a sharded head's rows (and their momentum) differ per rank
+        per_rank = None
+        if self.world > 1:
+            per_rank = [None] * self.world if self.rank == 0 else None
+            dist.gather_object(self.optimizer.state_dict(), per_rank, dst=0)
         return {"format": FORMAT, "config": dict(self.cfg), "model": self.encoder.state_dict(),
+                "optimizer_ranks": per_rank,
                 "ema": self.ema.state_dict() if self.ema is not None else None,
                 "head": self.head.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "schedule": self.schedule.state_dict(), "scaler": self.scaler.state_dict(),
@@ -312,6 +318,18 @@ class Trainer:
             os.replace(path + ".tmp", path)
         if self.world > 1:
             dist.barrier()
+
+    def _drop_mismatched_optimizer_state(self):
+        """After a resume on another world size, a sharded head's rows differ from the saved
+        shard's: their optimiser state (momentum) starts afresh, with a note."""
+        dropped = [p for p in self.head.parameters()
+                   if any(isinstance(v, torch.Tensor) and v.dim() and v.shape != p.shape
+                          for v in self.optimizer.state.get(p, {}).values())]
+        for p in dropped:
+            del self.optimizer.state[p]
+        if dropped and self.rank == 0:
+            print("protomem-train: resumed on another world size: the optimiser state of the head's class "
+                  "weights starts afresh (their values are re-sharded exactly)", file=sys.stderr)
 
     def _apply_optimizer_options(self):
         """After loading the optimiser and schedule: this run's lr, momentum and weight decay
@@ -340,7 +358,10 @@ class Trainer:
         if self.ema is not None:
             self.ema.load_state_dict(ckpt["ema"])
         self.head.load_state_dict(ckpt["head"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        per_rank = ckpt.get("optimizer_ranks")
+        same_world = per_rank is not None and len(per_rank) == self.world
+        self.optimizer.load_state_dict(per_rank[self.rank] if same_world else ckpt["optimizer"])
+        self._drop_mismatched_optimizer_state()
         self.schedule.load_state_dict(ckpt["schedule"])
         self.scaler.load_state_dict(ckpt["scaler"])
         self.sampler.load_state_dict(ckpt["sampler"])
