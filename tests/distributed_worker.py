@@ -12,7 +12,8 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(__file__))
-from heads_setup import CASES, STEPS, encoder_gradient, local_rows, make, run_steps  # noqa: E402
+from heads_setup import (CASES, STEPS, encoder_gradient, local_rows, make, run_steps,  # noqa: E402
+                         step_with_nan_on_rank_one)
 
 
 def main(rank, world, init_file, out_dir, resume_dir=None):
@@ -32,7 +33,8 @@ def main(rank, world, init_file, out_dir, resume_dir=None):
             resumed = {"local_weight": local,
                        "steps": run_steps(other, opt2, name, range(STEPS, STEPS + 3), rows)}
         results[name] = {"steps": steps, "state": state, "resumed": resumed,
-                         "ddp_grad": encoder_gradient(name, rows, ddp=True)}
+                         "ddp_grad": encoder_gradient(name, rows, ddp=True),
+                         "nan_one_rank": step_with_nan_on_rank_one(head, name, rows, rank, STEPS + 5)}
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()

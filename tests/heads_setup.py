@@ -53,6 +53,18 @@ def run_steps(head, opt, name, steps, rows):
     return out
 
 
+def step_with_nan_on_rank_one(head, name, rows, rank, t):
+    """One step of global batch t in which only rank 1's rows hold a NaN: (loss, committed,
+    state before, state after); state_dict is a collective, so every rank calls this."""
+    before = head.state_dict()
+    x, k, y = global_batch(t)
+    x = x[rows].clone()
+    if rank == 1:
+        x[0, 0] = float("nan")
+    loss = head(x, k[rows], y[rows]) if name == "dcq" else head(x, y[rows])
+    return loss.item(), head.last_stats["committed"], before, head.state_dict()
+
+
 def encoder_gradient(head_name, rows, ddp=False):
     """The gradient of a Linear encoder's weight after one step of a head on rows ``rows`` of
     global batch 0; with ``ddp`` the encoder is wrapped in DDP with protomem's sum hook."""

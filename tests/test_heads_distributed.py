@@ -100,3 +100,16 @@ def test_ddp_with_the_sum_hook_gives_the_one_process_encoder_gradient(runs, name
     want = encoder_gradient(name, slice(0, B))
     for rank in ranks:
         torch.testing.assert_close(rank[name]["ddp_grad"], want, atol=1e-5 * float(want.abs().max()), rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_nan_on_one_rank_skips_the_step_on_every_rank(runs, name):
+    """Only rank 1's embeddings hold a NaN: both ranks get a non-finite loss, commit nothing and
+    keep their whole state (memory, queue, sampling step) as it was."""
+    _, ranks = runs
+    for rank in ranks:
+        loss, committed, before, after = rank[name]["nan_one_rank"]
+        assert not torch.isfinite(torch.tensor(loss)) and committed is False
+        assert before.keys() == after.keys()
+        for key in before:
+            assert torch.equal(before[key], after[key]), key
