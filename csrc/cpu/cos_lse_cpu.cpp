@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
 #include <utility>
 #include <vector>
@@ -84,6 +85,9 @@ struct Pass {
         same(row_labels.contiguous().data_ptr<int64_t>(), x.size(0),
              col_labels.contiguous().data_ptr<int64_t>(), W.size(0)) {
     C = std::clamp<int64_t>(kBlockBytes / (std::max<int64_t>(Bp, 1) * sizeof(T)), 256, 8192);
+    if (const char* e = std::getenv("PROTOMEM_COS_LSE_BLOCK")) {  // tests: many blocks at small M
+      C = std::max<int64_t>(1, std::atoll(e));
+    }
     C = std::min(C, std::max<int64_t>(M, 1));
     auto xf = x.to(dt);
     xh = (normalize_x ? xf / xf.norm(2, {1}, true).clamp_min(kEps) : xf).contiguous();
