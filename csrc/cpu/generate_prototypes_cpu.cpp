@@ -4,6 +4,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -36,23 +37,32 @@ void generate_cpu_kernel(const at::Tensor& x, const at::Tensor& weights, const C
       scale[i] = (W ? W[i] : acc_t(1)) / std::max<acc_t>(std::sqrt(ss), acc_t(kEps));
     }
   });
-  at::parallel_for(0, U, 16, [&](int64_t u0, int64_t u1) {
-    for (int64_t u = u0; u < u1; ++u) {
+  // Work items (class, 64-column tile), so that one huge class spreads over the threads too;
+  // every element sums its class's rows in sorted order whatever the split.
+  constexpr int64_t kTile = 64;
+  const int64_t tiles = (D + kTile - 1) / kTile;
+  at::parallel_for(0, U * tiles, 4, [&](int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; ++j) {
+      const int64_t u = j / tiles, d0 = (j % tiles) * kTile, d1 = std::min(D, d0 + kTile);
       acc_t* p = P + u * D;
-      std::fill(p, p + D, acc_t(0));
+      std::fill(p + d0, p + d1, acc_t(0));
       if (offsets[u] == offsets[u + 1]) continue;  // padding: a zero row
       acc_t wsum = 0;
       for (int64_t k = offsets[u]; k < offsets[u + 1]; ++k) {
         const int64_t i = order[k];
         const acc_t s = scale[i];
         wsum += W ? W[i] : acc_t(1);
-        for (int64_t d = 0; d < D; ++d) p[d] += s * static_cast<acc_t>(X[i * D + d]);
+        for (int64_t d = d0; d < d1; ++d) p[d] += s * static_cast<acc_t>(X[i * D + d]);
       }
+      for (int64_t d = d0; d < d1; ++d) p[d] /= wsum;
+    }
+  });
+  at::parallel_for(0, U, 16, [&](int64_t u0, int64_t u1) {
+    for (int64_t u = u0; u < u1; ++u) {
+      if (offsets[u] == offsets[u + 1]) continue;
+      acc_t* p = P + u * D;
       acc_t ss = 0;
-      for (int64_t d = 0; d < D; ++d) {
-        p[d] /= wsum;
-        ss += p[d] * p[d];
-      }
+      for (int64_t d = 0; d < D; ++d) ss += p[d] * p[d];
       const acc_t inv = acc_t(1) / std::max<acc_t>(std::sqrt(ss), acc_t(kEps));
       for (int64_t d = 0; d < D; ++d) p[d] *= inv;
     }
