@@ -6,6 +6,7 @@ from .. import distributed
 from ..functional import margin_ce_stats
 from ..margins import CosFace
 from ..memory import ClassQueue
+from ..mining.pairs import closest_other_class, gather_pairs, pack_pairs, unpack_pairs
 from ._common import StepStats, check_embeddings, check_labels, check_margin, cosine, global_mean
 from ._common import check_precision, row_loss
 
@@ -43,6 +44,14 @@ class DCQLoss(nn.Module):
         self.queue = ClassQueue(queue_size, embedding_size, queue_dtype, device)
         self._pending = None
         self._stats = StepStats()
+        self._mining = None
+
+    def mining_pairs(self):
+        """The last step's (row class [N] int64, closest other class [N] int64 (-1: none), its
+        cosine [N] float32) over the global batch: the label of each query's best queue entry of
+        another class (``protomem.mining``). No host sync without a process group; under
+        torch.distributed a collective (call it on every rank). None before the first step."""
+        return None if self._mining is None else unpack_pairs(gather_pairs(self._mining))
 
     @property
     def last_stats(self):
@@ -91,9 +100,10 @@ class DCQLoss(nn.Module):
         bad = (~torch.isfinite(q).all() | ~torch.isfinite(K).all()).to(torch.float32)
         ok = distributed.all_reduce(bad[None], op="max")[0] == 0  # one rank's NaN skips all
         pos = cosine(q, k)
-        lse, target, best_t, best_o = margin_ce_stats(q, self.queue.keys, y, self.queue.labels,
-                                                      pos, **self.margin.params(),
-                                                      precision=self.precision)
+        lse, target, best_t, best_o, best_i = margin_ce_stats(q, self.queue.keys, y, self.queue.labels,
+                                                              pos, **self.margin.params(),
+                                                              precision=self.precision, with_index=True)
+        self._mining = pack_pairs(y, closest_other_class(best_i, self.queue.labels), best_o)
         no_row = torch.zeros_like(y, dtype=torch.bool)
         local = row_loss(lse, target, no_row).sum()
         correct = (best_t >= best_o).sum()

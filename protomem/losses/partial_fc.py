@@ -6,6 +6,7 @@ from torch import nn
 from .. import distributed
 from ..functional import margin_ce_stats
 from ..margins import ArcFace
+from ..mining.pairs import closest_other_class, combine_best_other
 from ._common import StepStats, check_embeddings, check_labels, check_margin, check_precision
 
 _M32 = 0xFFFFFFFF
@@ -89,6 +90,20 @@ class PartialFCLoss(nn.Module):
         self.register_buffer("step", torch.zeros((), **long))
         self.register_buffer("last_sampled", torch.full((self.end - self.start,), -1, **long))
         self._stats = StepStats()
+        self._mining = None
+
+    def mining_pairs(self):
+        """The last step's (row class [N] int64, closest other class [N] int64 (-1: none), its
+        cosine [N] float32) over the global batch: the class of each row's best non-target weight
+        row among the step's (sampled) classes (``protomem.mining``), combined over the ranks'
+        shards like the max itself (ties: the smaller class id). No host sync without a process
+        group; under torch.distributed a collective (call it on every rank). None before a step."""
+        if self._mining is None:
+            return None
+        Y, best, cls = self._mining
+        both = distributed.all_gather_stack(torch.stack([best.double(), cls.double()]))
+        best, cls = combine_best_other(both[:, 0].to(best.dtype), both[:, 1].long())
+        return Y, cls, best.float()
 
     @property
     def last_stats(self):
@@ -125,9 +140,10 @@ class PartialFCLoss(nn.Module):
         cols = self._sample(Y)
         W = self.weight if cols is None else self.weight[cols]
         col_labels = torch.arange(self.start, self.end, device=X.device) if cols is None else cols + self.start
-        lse, target, best_t, best_o = margin_ce_stats(X, W, Y, col_labels, None, **self.margin.params(),
-                                                      target_index=self._target_index(Y, cols),
-                                                      precision=self.precision)
+        lse, target, best_t, best_o, best_i = margin_ce_stats(
+            X, W, Y, col_labels, None, **self.margin.params(), target_index=self._target_index(Y, cols),
+            precision=self.precision, with_index=True)
+        self._mining = (Y, best_o, closest_other_class(best_i, col_labels))
         with torch.no_grad():
             mine = (Y >= self.start) & (Y < self.end)
             seen = self.last_sampled[(Y - self.start).clamp(0, self.end - self.start - 1)]

@@ -10,6 +10,7 @@ from .. import distributed
 from ..functional import margin_ce_stats
 from ..margins import CosFace
 from ..memory import PrototypeMemory
+from ..mining.pairs import closest_other_class, gather_pairs, pack_pairs, unpack_pairs
 from ..ops import generate_prototypes
 from ..reference import STEP
 from ._common import StepStats, check_embeddings, check_labels, check_margin, cosine, global_mean
@@ -83,6 +84,14 @@ class PrototypeMemoryLoss(nn.Module):
         self.memory = PrototypeMemory(memory_size, embedding_size, momentum, policy, memory_dtype, device)
         self.register_buffer("skipped_rows", torch.zeros((), dtype=torch.long, device=device))
         self._stats = StepStats()
+        self._mining = None
+
+    def mining_pairs(self):
+        """The last step's (row class [N] int64, closest other class [N] int64 (-1: none), its
+        cosine [N] float32) over the global batch, on the memory's device: each row's best
+        non-target prototype's label (``protomem.mining``). No host sync without a process group;
+        under torch.distributed a collective (call it on every rank). None before the first step."""
+        return None if self._mining is None else unpack_pairs(gather_pairs(self._mining))
 
     @property
     def last_stats(self):
@@ -156,10 +165,11 @@ class PrototypeMemoryLoss(nn.Module):
         row_labels = torch.where(skipped[rows], -1, y)
         # the memory holds one slot per class: each row's target column is its class's slot
         target_index = None if pos is not None else slots[inv_r]
-        lse, target, best_t, best_o = margin_ce_stats(xr, mem.protos, row_labels, mem.slot_labels,
-                                                      pos, **self.margin.params(),
-                                                      target_index=target_index,
-                                                      precision=self.precision)
+        lse, target, best_t, best_o, best_i = margin_ce_stats(xr, mem.protos, row_labels, mem.slot_labels,
+                                                              pos, **self.margin.params(),
+                                                              target_index=target_index,
+                                                              precision=self.precision, with_index=True)
+        self._mining = pack_pairs(row_labels, closest_other_class(best_i, mem.slot_labels), best_o)
         ignored = row_labels < 0
         local = row_loss(lse, target, ignored).sum()
         if cross:
