@@ -37,12 +37,17 @@ run tests_cuda python -m pytest -q -p no:cacheprovider -m "cuda or triton"
 # racecheck inspects shared memory only, which the memory kernels use just for block scans and
 # sums; memcheck (out of bounds), initcheck (reads of unwritten memory) and synccheck (barriers)
 # cover them. The slow property and stress tests would overrun the budget under the sanitizer.
+# memcheck gets float32 and every edge-case test (~80); initcheck and synccheck a smaller set.
 if command -v compute-sanitizer > /dev/null; then
-  for tool in memcheck initcheck synccheck; do
+  san_files="tests/test_memory_update.py tests/test_memory_index.py tests/test_generate_prototypes.py tests/test_queue_enqueue.py"
+  no_profiler="not launches and not one_kernel"
+  run sanitizer_memcheck compute-sanitizer --tool memcheck --error-exitcode 1 \
+    python -m pytest -q -p no:cacheprovider -m "cuda and not slow" $san_files \
+    -k "(float32 or not (matches_reference or padded_matches)) and $no_profiler"
+  for tool in initcheck synccheck; do
     run "sanitizer_$tool" compute-sanitizer --tool "$tool" --error-exitcode 1 \
-      python -m pytest -q -p no:cacheprovider -m "cuda and not slow" \
-      tests/test_memory_update.py tests/test_memory_index.py tests/test_generate_prototypes.py \
-      tests/test_queue_enqueue.py
+      python -m pytest -q -p no:cacheprovider -m "cuda and not slow" $san_files \
+      -k "(64-33-torch.float32 or 64-129-1 or index or wrapped or debug or commit or failed) and $no_profiler"
   done
 else
   echo "compute-sanitizer not found: skipped"
