@@ -10,7 +10,6 @@ insightface assumes). Every problem is an ``IJBFormatError`` naming the file and
 nothing is skipped silently.
 """
 import os
-import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -168,7 +167,8 @@ def _check_pair_templates(path, pairs, templates):
     unknown = (known[pos] != pairs).any(1).nonzero()[:, 0]
     if unknown.numel():
         i = int(unknown[0])
-        raise IJBFormatError(f"{path}:{_line_of_row(path, i)}: pair ({int(pairs[i, 0])}, {int(pairs[i, 1])}) names a "
+        a, b = int(pairs[i, 0]), int(pairs[i, 1])
+        raise IJBFormatError(f"{path}:{_line_of_row(path, i)}: pair ({a}, {b}) names a "
                              f"template no crop belongs to ({unknown.numel()} such pairs)")
 
 

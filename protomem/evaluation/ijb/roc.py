@@ -28,7 +28,8 @@ def roc_points(scores, genuine, num=200):
     grid = torch.logspace(0, math.log10(n), num, dtype=torch.float64)
     ends = torch.tensor([1, n])                                         # exact, whatever the rounding
     k = torch.cat([grid.floor().long().clamp(1, n), ends]).unique()     # false accepts allowed
-    threshold = torch.where(k < n, imp[(n - 1 - k).clamp(min=0)], torch.tensor(-math.inf, dtype=torch.float64))
+    everything = torch.tensor(-math.inf, dtype=torch.float64)              # k = n: accept all
+    threshold = torch.where(k < n, imp[(n - 1 - k).clamp(min=0)], everything)
     far = (n - torch.searchsorted(imp, threshold, right=True)).double() / n
     tar = (gen.numel() - torch.searchsorted(gen, threshold, right=True)).double() / gen.numel()
     keep = torch.cat([far[1:] != far[:-1], torch.tensor([True])])
