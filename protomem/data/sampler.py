@@ -61,7 +61,7 @@ class IdentityBatchSampler(torch.utils.data.Sampler):
         labels = np.asarray(labels)
         if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
             raise ValueError(f"labels must be a 1-d int array, got {labels.dtype} {labels.shape}")
-        _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+        self._identities, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
         if len(counts) < self.group:
             raise ValueError(f"identities_per_batch={self.group} needs at least that many "
                              f"identities, labels hold {len(counts)}")
@@ -120,10 +120,14 @@ class IdentityBatchSampler(torch.utils.data.Sampler):
         if self._resume is not None and self._resume[0] == self.epoch:
             start = self._resume[1]
         self._resume, self._done = None, start
-        batches = self.batches(self.epoch)
-        for b in range(start, len(batches)):
+        for b in range(start, len(self)):
             self._done = b + 1
-            yield batches[b].tolist()
+            yield self.batch(self.epoch, b).tolist()
+
+    def batch(self, epoch, b):
+        """Batch ``b`` of an epoch: int64 array [G*k] (2*G*k with pairs), as ``batches(epoch)[b]``.
+        Subclasses that build batches from a state (mining) build them here, when asked."""
+        return self.batches(epoch)[b]
 
     def batches(self, epoch):
         """All batches of an epoch.
