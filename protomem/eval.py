@@ -35,6 +35,9 @@ def build_parser():
                         "--no-ijb-norm normalises each crop")
     p.add_argument("--ijb-detector-score", action=argparse.BooleanOptionalAction, default=True,
                    help="ijb: weight crops by their detector score (insightface's D1 mode)")
+    p.add_argument("--ijb-far-rule", choices=("exact", "insightface"), default="exact",
+                   help="ijb: TAR at the exact threshold of each FAR, or at the nearest point of "
+                        "sklearn's ROC as insightface's eval_ijbc.py reads it (papers' numbers)")
     p.add_argument("--workers", type=int, default=0,
                    help="ijb: processes decoding and aligning crops")
     p.add_argument("--roc", metavar="PNG", help="ijb: also plot the ROC to this file (matplotlib)")
@@ -90,7 +93,8 @@ def _bin_results(args, model, device):
 def _ijb_results(args, model, device):
     values = evaluation.evaluate_ijb(model, args.ijb, args.ijb_target, batch_size=args.batch_size,
                                      device=device, flip=args.flip, norm=args.ijb_norm,
-                                     detector_score=args.ijb_detector_score, workers=args.workers)
+                                     detector_score=args.ijb_detector_score, workers=args.workers,
+                                     far_rule=args.ijb_far_rule)
     name, (far, tar) = values.pop("name"), values.pop("roc")
     if args.roc:
         evaluation.ijb.plot_roc({f"{name} ({os.path.basename(args.checkpoint)})": (far, tar)},

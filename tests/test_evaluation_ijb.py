@@ -137,6 +137,24 @@ def test_pair_scores_reject_unknown_templates():
         template_pair_scores(ids, feats, torch.tensor([[2, 10]]))
 
 
+@pytest.mark.parametrize("ties", [False, True])
+def test_insightface_far_rule_equals_its_script(ties):
+    """TAR read as insightface's eval_ijbc.py does: sklearn's roc_curve, flipped, argmin |fpr - x|."""
+    roc_curve = pytest.importorskip("sklearn.metrics").roc_curve
+    meta, emb = random_protocol(seed=5)
+    scores = ijb_pair_scores(emb, meta)
+    if ties:
+        scores = (scores * 50).round() / 50
+    fpr, tpr, _ = roc_curve(meta.labels.numpy(), scores.numpy())
+    fpr, tpr = np.flipud(fpr), np.flipud(tpr)
+    got = ijb_tars(scores, meta.labels, far_rule="insightface")
+    for far in IJB_FARS:
+        want = tpr[np.argmin(list(abs(fpr - far)))]
+        assert abs(got[f"tar@far={far:.0e}".replace("e-0", "e-")] - want) <= 1e-12, far
+    with pytest.raises(ValueError, match="far_rule"):
+        ijb_tars(scores, meta.labels, far_rule="nearest")
+
+
 def test_roc_points_match_the_definition():
     meta, emb = random_protocol(n_templates=60, seed=2)
     scores = ijb_pair_scores(emb, meta)

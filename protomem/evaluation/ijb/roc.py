@@ -1,9 +1,10 @@
-"""ROC of a verification protocol: points on a log FAR axis for plotting, and the plot (PNG)."""
+"""ROC of a verification protocol: points on a log FAR axis for plotting, the plot (PNG), and TAR
+read off the ROC as insightface does."""
 import math
 
 import torch
 
-__all__ = ["plot_roc", "roc_points"]
+__all__ = ["insightface_tars", "plot_roc", "roc_points"]
 
 
 def roc_points(scores, genuine, num=200):
@@ -64,3 +65,38 @@ def plot_roc(curves, path, title="1:1 verification", marks=None):
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def insightface_tars(scores, genuine, fars):
+    """TAR at each FAR read off the ROC the way insightface's ``eval_ijbc.py`` does, for numbers
+    comparable with papers: sklearn's ``roc_curve`` (a point per distinct score, accepting
+    score >= threshold, collinear points dropped, (0, 0) prepended), then the point whose FPR is
+    nearest the FAR (on ties the one with the higher TPR, as the script searches the flipped
+    curve). Unlike ``tar_at_far`` the FPR of that point may exceed the FAR.
+
+    Args:
+        scores: [P] float scores; genuine: [P] bool (True = same identity).
+        fars: FARs in (0, 1].
+
+    Returns:
+        dict far -> TAR (float).
+    """
+    genuine = torch.as_tensor(genuine, dtype=torch.bool, device=scores.device).cpu()
+    s = scores.double().cpu()
+    order = torch.argsort(s, descending=True, stable=True)
+    s, y = s[order], genuine[order].double()
+    last_of_value = torch.cat([(s[1:] != s[:-1]).nonzero()[:, 0], torch.tensor([s.numel() - 1])])
+    tps = y.cumsum(0)[last_of_value]
+    fps = 1 + last_of_value.double() - tps
+    if fps.numel() > 2:                                    # sklearn's drop_intermediate
+        bend = (fps.diff(2) != 0) | (tps.diff(2) != 0)
+        keep = torch.cat([torch.tensor([True]), bend, torch.tensor([True])])
+        tps, fps = tps[keep], fps[keep]
+    zero = torch.zeros(1, dtype=torch.float64)
+    fpr, tpr = torch.cat([zero, fps]) / fps[-1], torch.cat([zero, tps]) / tps[-1]
+    out = {}
+    for far in fars:
+        gap = (fpr - far).abs()
+        nearest = (gap == gap.min()).nonzero()[-1, 0]       # the last of the ties
+        out[far] = tpr[nearest].item()
+    return out
