@@ -3,8 +3,9 @@
 What the test adds, and why (keep this list short: a block that needs more is a block to fix):
 - stand-ins for the user's own objects the blocks name but do not define (``STAND_INS``): an
   encoder, a loader, images, labels and pair flags, embeddings and weights for the fused loss;
-- files the blocks read, in a temporary working folder: ``faces_emore/train.rec``, ``lfw.bin``
-  and an image folder ``folder/`` (two identities);
+- files the blocks read, in a temporary working folder: ``faces_emore/train.rec``, ``lfw.bin``,
+  an image folder ``folder/`` (two identities) and a tiny IJB-C release ``IJB_release/IJBC``
+  (``tests/ijb_helpers.py``; the blocks' ``/data/`` prefix is dropped);
 - ``TEXT_EDITS``: smaller sizes, and the CPU instead of CUDA when the machine has no GPU.
 """
 import re
@@ -17,6 +18,7 @@ from torch import nn
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 TEXT_EDITS = [("100_000", "1_000"),            # memory and data set sizes
+              ('"/data/', '"'),                 # data sets: in the working folder
               ('"iresnet50"', '"iresnet18"')]  # the same API, a quarter of the work
 CPU_EDITS = [(".cuda()", ""), ('"cuda"', '"cpu"'),
              ("autocast_dtype=torch.bfloat16", "autocast_dtype=None")]  # CPU bf16 convolutions crawl
@@ -59,21 +61,30 @@ def _uint8_images(n, seed):
     return np.random.default_rng(seed).integers(0, 256, (n, 112, 112, 3), dtype=np.uint8)
 
 
-@pytest.fixture
-def user_files(tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """The working folder with the files the blocks read (made once for all blocks)."""
+    from ijb_helpers import write_ijb_set
     from PIL import Image
 
     from protomem.data import write_recordio
     from protomem.data.verification import write_verification_bin
 
-    monkeypatch.chdir(tmp_path)
+    root = tmp_path_factory.mktemp("readme")
     imgs = _uint8_images(4, 0)
-    write_recordio("faces_emore/train", [(imgs[i], i // 2) for i in range(4)])
-    write_verification_bin("lfw.bin", _uint8_images(4, 1), [True, False])
+    write_recordio(root / "faces_emore" / "train", [(imgs[i], i // 2) for i in range(4)])
+    write_verification_bin(root / "lfw.bin", _uint8_images(4, 1), [True, False])
     for i, img in enumerate(_uint8_images(4, 2)):
-        (tmp_path / "folder" / f"id{i // 2}").mkdir(parents=True, exist_ok=True)
-        Image.fromarray(img).save(tmp_path / "folder" / f"id{i // 2}" / f"{i}.png")
-    return tmp_path
+        (root / "folder" / f"id{i // 2}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(root / "folder" / f"id{i // 2}" / f"{i}.png")
+    write_ijb_set(str(root / "IJB_release" / "IJBC"), "IJBC", identities=3, templates_per_identity=2)
+    return root
+
+
+@pytest.fixture
+def user_files(files, monkeypatch):
+    monkeypatch.chdir(files)
+    return files
 
 
 def test_readme_has_python_blocks():
