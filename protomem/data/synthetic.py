@@ -17,7 +17,7 @@ from . import _hashrng
 from .longtail import long_tail_counts
 
 # Hash streams: one per kind of random quantity, so none of them share values.
-_CENTRE, _NOISE, _NUISANCE, _W1, _B1, _W2, _W_IMG, _PIXELS = range(1, 9)
+_CENTRE, _NOISE, _NUISANCE, _W1, _B1, _W2, _W_IMG, _PIXELS, _FAMILY, _FAMILY_PICK = range(1, 11)
 _MODES = ("feature", "image")
 _PATTERN = 14  # side of the low-resolution pattern an image is upsampled from
 
@@ -43,11 +43,18 @@ class SyntheticIdentities(torch.utils.data.Dataset):
         image_size, pixel_noise: image side and the amplitude of the uniform pixel noise.
         seed: int; everything (counts, centres, samples, maps) is a function of it.
         first_class: global id of local class 0 (``heldout`` views use ids past the training ones).
+        lookalikes: the fraction (about; drawn per family) of identities in planted look-alike
+            families, 0 (default) for none: twins or siblings for hard-example mining to find.
+        family_size: identities per family: global ids ``f * family_size .. + family_size - 1``.
+        lookalike_spread: s in (0, 1]: a member's centre is ``sqrt(1 - s^2) * family centre +
+            s * own centre`` (std 1 per dimension as every centre), so members lie s times as
+            far apart as two unrelated identities.
     """
 
     def __init__(self, num_classes, feature_dim=128, samples_per_class="megaface2", mode="feature",
                  noise=0.8, nuisance=2.0, nuisance_rank=8, latent_dim=64, hidden_dim=256,
-                 image_size=112, pixel_noise=0.1, seed=0, first_class=0, **zipf):
+                 image_size=112, pixel_noise=0.1, seed=0, first_class=0, lookalikes=0.0,
+                 family_size=2, lookalike_spread=0.3, **zipf):
         for name, value in (("num_classes", num_classes), ("feature_dim", feature_dim),
                             ("latent_dim", latent_dim), ("hidden_dim", hidden_dim),
                             ("image_size", image_size)):
@@ -61,6 +68,11 @@ class SyntheticIdentities(torch.utils.data.Dataset):
             raise ValueError(f"nuisance_rank must be an int >= 0, got {nuisance_rank!r}")
         if isinstance(first_class, bool) or not isinstance(first_class, int) or first_class < 0:
             raise ValueError(f"first_class must be an int >= 0, got {first_class!r}")
+        if not 0.0 <= lookalikes <= 1.0 or not 0.0 < lookalike_spread <= 1.0:
+            raise ValueError(f"lookalikes must be in [0, 1] and lookalike_spread in (0, 1], got "
+                             f"{lookalikes!r}, {lookalike_spread!r}")
+        if isinstance(family_size, bool) or not isinstance(family_size, int) or family_size < 2:
+            raise ValueError(f"family_size must be an int >= 2, got {family_size!r}")
         if first_class + num_classes > 2**62:
             raise ValueError(f"class ids must stay below 2**62, got first_class + num_classes = "
                              f"{first_class + num_classes}")
@@ -69,6 +81,8 @@ class SyntheticIdentities(torch.utils.data.Dataset):
         self.latent_dim, self.hidden_dim = latent_dim, hidden_dim
         self.image_size, self.pixel_noise = image_size, float(pixel_noise)
         self.seed, self.first_class = seed, first_class
+        self.lookalikes, self.family_size = float(lookalikes), family_size
+        self.lookalike_spread = float(lookalike_spread)
         ids = torch.arange(first_class, first_class + num_classes, dtype=torch.int64)
         self.class_counts = long_tail_counts(ids, samples_per_class, seed, **zipf)
         self._ends = torch.cumsum(self.class_counts, 0)
@@ -161,12 +175,42 @@ class SyntheticIdentities(torch.utils.data.Dataset):
     def _latent(self, ids, sample_ids):
         """[n] global class ids, [n] sample ids -> float32 latents [n, latent_dim]."""
         dim, rank = self.latent_dim, self.nuisance_rank
-        z = _hashrng.normal(_hashrng.key(self.seed, _CENTRE, ids), dim)
+        z = self._centres(ids)
         eps = _hashrng.normal(_hashrng.key(self.seed, _NOISE, ids, sample_ids), dim + rank)
         z = z + self.noise * eps[:, :dim]
         if rank:
             z = z + self.nuisance * (eps[:, dim:] @ self._weights(ids.device)["nuisance"])
         return z
+
+    def _centres(self, ids):
+        """[n] global class ids -> float32 class centres [n, latent_dim] (planted families mixed in)."""
+        z = _hashrng.normal(_hashrng.key(self.seed, _CENTRE, ids), self.latent_dim)
+        if not self.lookalikes:
+            return z
+        family = ids // self.family_size
+        s = self.lookalike_spread
+        shared = _hashrng.normal(_hashrng.key(self.seed, _FAMILY, family), self.latent_dim)
+        return torch.where(self._planted(family)[:, None], (1 - s * s) ** 0.5 * shared + s * z, z)
+
+    def _planted(self, family):
+        """[n] family ids -> bool [n]: the family is planted (a hash of the seed and the family)."""
+        return _hashrng.uniform(_hashrng.key(self.seed, _FAMILY_PICK, family), 1)[:, 0] < self.lookalikes
+
+    def planted_partners(self, classes):
+        """The planted look-alikes of local classes: int64 [n, family_size - 1] local ids, -1 where
+        a class is in no family or a member falls outside this dataset.
+
+        Args:
+            classes: int64 tensor [n] of local class ids.
+        """
+        classes = torch.as_tensor(classes, dtype=torch.int64).reshape(-1).cpu()
+        ids = classes + self.first_class
+        family = ids // self.family_size
+        members = family[:, None] * self.family_size + torch.arange(self.family_size)
+        others = members[members != ids[:, None]].view(len(ids), self.family_size - 1) - self.first_class
+        ok = (others >= 0) & (others < self.num_classes) & self._planted(family)[:, None]
+        ok &= self.lookalikes > 0
+        return torch.where(ok, others, -1)
 
     def _weights(self, device):
         """The fixed random maps (a function of the seed only), made once per device."""
@@ -248,9 +292,11 @@ class SyntheticIdentities(torch.utils.data.Dataset):
         return SyntheticIdentities(
             num_classes, self.feature_dim, samples_per_class, self.mode, self.noise, self.nuisance,
             self.nuisance_rank, self.latent_dim, self.hidden_dim, self.image_size, self.pixel_noise,
-            self.seed, first_class, **zipf)
+            self.seed, first_class, self.lookalikes, self.family_size, self.lookalike_spread, **zipf)
 
     def __repr__(self):
         return (f"SyntheticIdentities(num_classes={self.num_classes}, samples={len(self)}, "
                 f"mode={self.mode!r}, sample_shape={self.sample_shape}, noise={self.noise}, "
-                f"nuisance={self.nuisance}, seed={self.seed}, first_class={self.first_class})")
+                f"nuisance={self.nuisance}, seed={self.seed}, first_class={self.first_class}"
+                + (f", lookalikes={self.lookalikes}, family_size={self.family_size}, "
+                   f"lookalike_spread={self.lookalike_spread})" if self.lookalikes else ")"))
