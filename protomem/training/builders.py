@@ -20,6 +20,8 @@ def build_dataset(cfg):
     data = cfg["data"]
     if data == "synthetic":
         extra = {"noise": cfg["noise"]} if cfg["noise"] is not None else {}
+        if cfg.get("lookalikes"):
+            extra.update(lookalikes=cfg["lookalikes"], lookalike_spread=cfg["lookalike_spread"])
         ds = SyntheticIdentities(cfg["num_classes"], feature_dim=cfg["feature_dim"],
                                  samples_per_class=cfg["samples_per_class"],
                                  mode="image" if cfg["image_mode"] else "feature",

@@ -18,6 +18,8 @@ OPTIONS = {
     "image_mode": (False, "synthetic: 3x112x112 images instead of features"),
     "noise": (None, "synthetic: per-sample noise (default: the dataset's)"),
     "data_seed": (0, "synthetic: dataset seed"),
+    "lookalikes": (0.0, "synthetic: fraction of identities in planted look-alike pairs (0: none)"),
+    "lookalike_spread": (0.3, "synthetic: distance of planted look-alikes relative to unrelated identities"),
     "num_workers": (0, "DataLoader workers for image datasets"),
     # encoder
     "backbone": ("mlp", "mlp, iresnet18, iresnet34, iresnet50, iresnet100"),
@@ -45,6 +47,9 @@ OPTIONS = {
     # batches
     "identities_per_batch": (128, "G: identities per (global) batch"),
     "samples_per_identity": (2, "k: samples per identity (pm needs k >= 2; dcq adds a key view)"),
+    "mining": ("none", "hard-example mining: none, or doppelganger (batches put look-alikes together)"),
+    "mining_fraction": (0.5, "doppelganger: fraction of each batch's identities that are look-alikes"),
+    "mining_k": (4, "doppelganger: look-alikes kept per class"),
     # optimisation
     "optimizer": ("sgd", "sgd or adamw"),
     "lr": (0.1, "peak learning rate"),
@@ -80,7 +85,7 @@ CHOICES = {
     "policy": ("lru", "fifo"), "exemplars": ("all", "leave_one_out"), "quality": ("none", "norm"),
     "memory_dtype": ("float32", "bfloat16", "float16"), "optimizer": ("sgd", "adamw"),
     "schedule": ("poly", "cosine", "constant"), "amp": ("none", "bf16", "fp16"),
-    "device": ("auto", "cpu", "cuda"),
+    "device": ("auto", "cpu", "cuda"), "mining": ("none", "doppelganger"),
 }
 # The value's type where the default (None) does not say it.
 KINDS = {"noise": float, "memory_size": int, "queue_size": int, "max_steps": int, "clip_grad": float,
@@ -94,7 +99,8 @@ METAVARS = {
     "momentum": "M", "weight_decay": "WD", "epochs": "EPOCHS", "max_steps": "STEPS",
     "warmup_steps": "STEPS", "clip_grad": "NORM", "accum_steps": "N", "seed": "SEED", "out": "DIR",
     "log_every": "STEPS", "eval_every": "STEPS", "eval_classes": "N", "bin": "FILE",
-    "save_every": "STEPS", "resume": "auto|PATH",
+    "save_every": "STEPS", "resume": "auto|PATH", "lookalikes": "FRAC", "lookalike_spread": "S",
+    "mining_fraction": "FRAC", "mining_k": "K",
 }
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
@@ -259,6 +265,13 @@ def check(cfg):
     for name in ("identities_per_batch", "samples_per_identity", "accum_steps", "embedding_size"):
         if not isinstance(cfg[name], int) or cfg[name] < 1:
             raise ConfigError(f"argument --{name.replace('_', '-')}: {name} must be an int >= 1, got {cfg[name]!r}")
+    for name in ("mining_fraction", "lookalikes"):
+        if not 0.0 <= cfg[name] <= 1.0:
+            raise ConfigError(f"argument --{name.replace('_', '-')}: must be in [0, 1], got {cfg[name]!r}")
+    if not 0.0 < cfg["lookalike_spread"] <= 1.0:
+        raise ConfigError(f"argument --lookalike-spread: must be in (0, 1], got {cfg['lookalike_spread']!r}")
+    if not isinstance(cfg["mining_k"], int) or cfg["mining_k"] < 1:
+        raise ConfigError(f"argument --mining-k: must be an int >= 1, got {cfg['mining_k']!r}")
     if cfg["max_steps"] is None and not cfg["epochs"] > 0:
         raise ConfigError(f"argument --epochs: epochs must be > 0, got {cfg['epochs']!r}")
     for name in ("memory_size", "queue_size"):

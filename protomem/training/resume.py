@@ -12,7 +12,7 @@ FIXED_ON_RESUME = (
     "backbone", "embedding_size", "hidden", "head", "margin", "scale", "m1", "m2", "m3",
     "memory_size", "memory_fraction", "policy", "exemplars", "quality", "memory_dtype",
     "queue_size", "queue_fraction", "sample_rate", "identities_per_batch", "samples_per_identity",
-    "accum_steps", "seed", "optimizer", "amp",
+    "accum_steps", "seed", "optimizer", "amp", "lookalikes", "lookalike_spread", "mining", "mining_k",
 )
 # Options that say where and how to resume, not what the run is: never reported as changes.
 _NOT_RUN_OPTIONS = ("resume", "out")

@@ -12,8 +12,9 @@ import torch
 import torch.distributed as dist
 
 from .. import distributed
-from ..data import IdentityBatchSampler, SyntheticIdentities
+from ..data import DoppelgangerBatchSampler, IdentityBatchSampler, SyntheticIdentities
 from ..losses import MomentumEncoder
+from ..mining import DoppelgangerLists, pack_pairs
 from . import builders, resume
 from .interrupt import StopRequest, ignore_sigint_in_worker
 from .log import CSVLog, Progress, TensorBoard
@@ -64,9 +65,7 @@ class Trainer:
             self.model = torch.nn.parallel.DistributedDataParallel(
                 self.encoder, device_ids=[self.device.index] if self.device.type == "cuda" else None)
             self.model.register_comm_hook(None, distributed.sum_gradients_hook)
-        self.sampler = IdentityBatchSampler(self.dataset.labels, cfg["identities_per_batch"],
-                                            cfg["samples_per_identity"], seed=cfg["seed"],
-                                            pairs=cfg["head"] == "dcq")
+        self.sampler = self._build_sampler(cfg)
         self.steps_per_epoch = max(1, len(self.sampler) // cfg["accum_steps"])
         self.total_steps = int(cfg["max_steps"] or math.ceil(cfg["epochs"] * self.steps_per_epoch))
         self.optimizer = builders.build_optimizer(cfg, self.encoder, self.head)
@@ -84,6 +83,18 @@ class Trainer:
             self._resume(cfg["resume"])
 
     # ----------------------------------------------------------------------------- batches
+    def _build_sampler(self, cfg):
+        """G x k batches; with --mining doppelganger a fraction are look-alikes from the lists the
+        steps feed (``self.lookalikes``; saved with the sampler's state)."""
+        batch = (self.dataset.labels, cfg["identities_per_batch"], cfg["samples_per_identity"])
+        pairs = cfg["head"] == "dcq"
+        self.lookalikes = None
+        if cfg.get("mining", "none") == "none":
+            return IdentityBatchSampler(*batch, seed=cfg["seed"], pairs=pairs)
+        self.lookalikes = DoppelgangerLists(self.dataset.num_classes, cfg["mining_k"])
+        return DoppelgangerBatchSampler(*batch, self.lookalikes, cfg["mining_fraction"], seed=cfg["seed"],
+                                        pairs=pairs)
+
     def _local(self, indices):
         """This rank's share of a global batch of dataset indices (pairs: queries then keys)."""
         idx = torch.as_tensor(indices, dtype=torch.long)
@@ -98,13 +109,14 @@ class Trainer:
         """Endless (x, y) local batches from the current (epoch, batches_done) on."""
         synthetic = isinstance(self.dataset, SyntheticIdentities)
         while True:
-            plan = self.sampler.batches(self.epoch)
-            local = [self._local(plan[b]) for b in range(self.batches_done, len(plan))]
+            # built when needed: a mining sampler reads the look-alike lists the last step fed
+            local = (self._local(self.sampler.batch(self.epoch, b))
+                     for b in range(self.batches_done, len(self.sampler)))
             if synthetic:
                 source = (self.dataset.get_batch(i, self.device) for i in local)
             else:
                 source = iter(torch.utils.data.DataLoader(
-                    self.dataset, batch_sampler=[i.tolist() for i in local],
+                    self.dataset, batch_sampler=(i.tolist() for i in local),
                     num_workers=self.cfg["num_workers"], pin_memory=self.device.type == "cuda",
                     worker_init_fn=ignore_sigint_in_worker if self.cfg["num_workers"] else None))
             for x, y in source:
@@ -124,6 +136,8 @@ class Trainer:
                 loss = self.head(self.model(xq), self.ema(xk), y)
         if self.last_seen is not None:
             self.last_seen[y] = self.step
+        if self.lookalikes is not None:  # one transfer of the global batch's pairs
+            self.lookalikes.update_packed(pack_pairs(*self.head.mining_pairs()))
         return loss
 
     def train_step(self, batches):
