@@ -1,7 +1,8 @@
 """cos_lse_fwd / cos_lse_bwd_w, the C++ CPU kernels, against the plain-PyTorch references
 (protomem/reference.py), computed in float64 on the same (rounded) inputs. Each case runs with the
 AVX2 kernels and with the baseline ones (PROTOMEM_CPU_VEC=default), and with many small blocks of
-columns (PROTOMEM_COS_LSE_BLOCK) so that the online softmax crosses block boundaries."""
+columns (PROTOMEM_COS_LSE_BLOCK) so that the online softmax crosses block boundaries, in both
+threading modes (PROTOMEM_COS_LSE_SPLIT)."""
 import pytest
 import torch
 from conftest import random_ids
@@ -25,11 +26,17 @@ def vec(request, monkeypatch):
     return request.param
 
 
-@pytest.fixture(params=[None, 100])
+@pytest.fixture(params=["own", "100", "100-blas", "100-baseline"])
 def block(request, monkeypatch):
-    """The op's own block size, or blocks of 100 columns."""
-    if request.param is not None:
-        monkeypatch.setenv("PROTOMEM_COS_LSE_BLOCK", str(request.param))
+    """The op's own block size, or blocks of 100 columns: taken by the threads in turn and merged
+    at the end, or each spread over all threads (PROTOMEM_COS_LSE_SPLIT=0), or with the baseline
+    kernels."""
+    if request.param != "own":
+        monkeypatch.setenv("PROTOMEM_COS_LSE_BLOCK", "100")
+    if request.param.endswith("blas"):
+        monkeypatch.setenv("PROTOMEM_COS_LSE_SPLIT", "0")
+    if request.param.endswith("baseline"):
+        monkeypatch.setenv("PROTOMEM_CPU_VEC", "default")
     return request.param
 
 
@@ -166,7 +173,7 @@ def grad_for(case, lse):
 @pytest.mark.parametrize("regime", ["random", "near"])
 @pytest.mark.parametrize("B,M,D", [(1, 1, 1), (37, 1001, 129), (256, 4099, 128), (5, 4099, 1),
                                    (1, 1001, 129), (37, 1, 16)])
-def test_matches_reference(B, M, D, regime, dtype, vec, block):
+def test_matches_reference(B, M, D, regime, dtype, block):
     case = make(B, M, D, dtype, regime=regime)
     got = fwd(case)
     want, ref_bwd = exact(case)
@@ -202,7 +209,7 @@ def test_without_normalisation(normalize_x, normalize_w, dtype, vec):
 
 
 @pytest.mark.parametrize("dtype", [F32, F64])
-def test_rows_without_other_columns(dtype, vec, block):
+def test_rows_without_other_columns(dtype, block):
     """Rows whose columns are all empty or of their own label: lse = best = -inf, index -1,
     direction 0, no NaN anywhere, and no contribution to grad_W."""
     case = make(37, 1001, 20, dtype)
@@ -237,7 +244,7 @@ def test_tiny_and_empty_memory(M, vec):
 
 
 @pytest.mark.parametrize("dtype", [F32, F64])
-def test_ties_give_the_smallest_index(dtype, vec, block):
+def test_ties_give_the_smallest_index(dtype, block):
     """Duplicated columns give exactly equal cosines: best_index is the first, also when the
     copies lie in different blocks."""
     case = make(37, 1001, 24, dtype, regime="near")
@@ -260,7 +267,7 @@ def test_ties_give_the_smallest_index(dtype, vec, block):
 
 
 @pytest.mark.parametrize("dtype", [F32, F64])
-def test_duplicated_labels(dtype, vec, block):
+def test_duplicated_labels(dtype, block):
     """Few labels, many columns each: many same-label entries per row, shared by rows."""
     case = make(64, 1001, 24, dtype, n_labels=9)
     got = fwd(case)

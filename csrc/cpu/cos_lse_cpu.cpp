@@ -9,8 +9,10 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <utility>
 #include <vector>
@@ -28,9 +30,10 @@ using cos_lse::Kernels;
 using cos_lse::SameLabel;
 
 constexpr double kEps = 1e-12;
-// One block of dot products: a quarter of this CPU's L3, so that the block and its columns of W
-// stay cached between the two GEMMs and the fused pass.
-constexpr int64_t kBlockBytes = int64_t{4} << 20;
+// One block of dot products (C columns x B rows): about one core's L2, so that the fused pass
+// reads what the first GEMM wrote, and the second GEMM what the fused pass wrote, from cache
+// (measured on a 2-core EPYC: 1 MB blocks cost ~1.04x the bare GEMMs, 4 MB ~1.14x, 8 MB ~1.19x).
+constexpr int64_t kBlockBytes = int64_t{1} << 20;
 
 // A 1-D tensor of n entries on x's device: int64 labels, or floats.
 void check_vector(const at::Tensor& t, const at::Tensor& x, int64_t n, bool labels,
@@ -60,16 +63,16 @@ void check_args(const at::Tensor& x, const at::Tensor& W, const at::Tensor& row_
                     "precision must be 'default' or 'highest', got '", std::string(precision), "'");
 }
 
-// Everything one call shares between its blocks; the buffers are allocated here, once.
+// Everything the blocks of one call share, read-only while they run.
 template <typename T>
 struct Pass {
   const Kernels<T>& k;
   int64_t B, Bp, D, M, C;
-  at::Tensor xh;    // [B, D] rows of x, normalised or not
-  at::Tensor Wc;    // W, contiguous
-  bool convert;     // W's blocks are copied into wbuf in T first
-  at::Tensor wbuf;  // [C, D] T when convert
-  at::Tensor vbuf;  // [C, Bp] T: dot products, then P or gamma
+  at::Tensor xh;        // [B, D] rows of x, normalised or not
+  at::Tensor Wc;        // W, contiguous
+  bool convert;         // W's blocks are copied into T first
+  bool split;           // each thread runs whole blocks (single-threaded GEMMs) instead of
+                        // all threads running each block
   std::vector<T> bias;  // [M] 0, or -inf for an empty column
   SameLabel same;
 
@@ -89,54 +92,88 @@ struct Pass {
       C = std::max<int64_t>(1, std::atoll(e));
     }
     C = std::min(C, std::max<int64_t>(M, 1));
+    const char* e = std::getenv("PROTOMEM_COS_LSE_SPLIT");
+    split = e == nullptr || std::strcmp(e, "0") != 0;
     auto xf = x.to(dt);
     xh = (normalize_x ? xf / xf.norm(2, {1}, true).clamp_min(kEps) : xf).contiguous();
-    auto opts = xf.options();
-    vbuf = at::zeros({C, Bp}, opts);  // the padding lanes stay finite
-    if (convert) wbuf = at::empty({C, D}, opts);
     const auto cols = col_labels.contiguous();
     const int64_t* cl = cols.data_ptr<int64_t>();
     bias.resize(M);
     for (int64_t j = 0; j < M; ++j) bias[j] = cl[j] < 0 ? -std::numeric_limits<T>::infinity() : 0;
   }
 
-  // Columns [j0, j0 + c) of W in T, [c, D] contiguous.
-  at::Tensor block_w(int64_t j0, int64_t c) {
-    auto w = Wc.narrow(0, j0, c);
-    if (!convert) return w;
-    return wbuf.narrow(0, 0, c).copy_(w);
-  }
-
-  // x_hat_i . W_j for the block, [c, B] with row stride Bp.
-  at::Tensor dots(const at::Tensor& wb) {
-    auto v = vbuf.narrow(0, 0, wb.size(0)).narrow(1, 0, B);
-    at::mm_out(v, wb, xh.t());
-    return v;
-  }
+  int64_t workers() const { return split ? std::max<int64_t>(1, at::get_num_threads()) : 1; }
 
   Block<T> block(const at::Tensor& v, const T* w_inv, int64_t j0, double scale) const {
     return {v.data_ptr<T>(), v.size(0), Bp, w_inv, bias.data() + j0, static_cast<T>(scale)};
   }
 
-  // fn(r0, r1) over lanes [0, Bp) in one coarse chunk per thread, after masking the same-label
-  // entries of those rows in the block [j0, j0 + c).
+  // fn(r0, r1) over lanes [0, Bp) (one chunk per thread when parallel), after masking the
+  // same-label entries of those rows in the block [j0, j0 + c).
   template <typename Fn>
-  void over_rows(T* v, int64_t j0, int64_t c, const Fn& fn) {
+  void over_rows(bool parallel, T* v, int64_t j0, int64_t c, const Fn& fn) const {
     const int64_t lanes = k.lanes, units = Bp / lanes;
-    const int64_t grain = std::max<int64_t>(1, (units + at::get_num_threads() - 1) / at::get_num_threads());
-    at::parallel_for(0, units, grain, [&](int64_t u0, int64_t u1) {
+    auto chunk = [&](int64_t u0, int64_t u1) {
       for (int64_t i = u0 * lanes; i < std::min(u1 * lanes, B); ++i) {
         same.mask_block(v, Bp, j0, j0 + c, i);
       }
       fn(u0 * lanes, u1 * lanes);
-    });
+    };
+    if (!parallel) return chunk(0, units);
+    const int64_t nt = at::get_num_threads();
+    at::parallel_for(0, units, std::max<int64_t>(1, (units + nt - 1) / nt), chunk);
   }
 
-  // fn(j0, j1) over the c columns of a block, one chunk per thread.
+  // fn(a, b) over the c columns of a block (one chunk per thread when parallel).
   template <typename Fn>
-  static void over_columns(int64_t c, const Fn& fn) {
-    const int64_t grain = std::max<int64_t>(64, (c + at::get_num_threads() - 1) / at::get_num_threads());
-    at::parallel_for(0, c, grain, fn);
+  static void over_columns(bool parallel, int64_t c, const Fn& fn) {
+    if (!parallel) return fn(0, c);
+    const int64_t nt = at::get_num_threads();
+    at::parallel_for(0, c, std::max<int64_t>(64, (c + nt - 1) / nt), fn);
+  }
+
+  // fn(worker, j0, c, parallel) for every block. Split: each thread takes the next block as it
+  // finishes one (a thread on a busy core simply takes fewer) and the threads meet once, at the
+  // end. Otherwise: blocks in order, each spread over all threads.
+  template <typename Fn>
+  void over_blocks(const Fn& fn) const {
+    const int64_t blocks = (M + C - 1) / C;
+    auto run = [&](int64_t w, int64_t b, bool parallel) {
+      fn(w, b * C, std::min(C, M - b * C), parallel);
+    };
+    if (!split || workers() == 1) {
+      for (int64_t b = 0; b < blocks; ++b) run(0, b, !split);
+      return;
+    }
+    std::atomic<int64_t> next{0};
+    at::parallel_for(0, workers(), 1, [&](int64_t w0, int64_t w1) {
+      for (int64_t w = w0; w < w1; ++w) {
+        for (int64_t b = next++; b < blocks; b = next++) run(w, b, false);
+      }
+    });
+  }
+};
+
+// One thread's buffers: the block of dot products [C, Bp] (zeroed: the padding lanes stay
+// finite) and, when W is not in T, the block of W [C, D].
+template <typename T>
+struct Buffers {
+  at::Tensor v, w;
+
+  Buffers(const Pass<T>& p, const at::TensorOptions& opts)
+      : v(at::zeros({p.C, p.Bp}, opts)), w(p.convert ? at::empty({p.C, p.D}, opts) : at::Tensor()) {}
+
+  // Columns [j0, j0 + c) of W in T, [c, D] contiguous.
+  at::Tensor block_w(const Pass<T>& p, int64_t j0, int64_t c) {
+    auto src = p.Wc.narrow(0, j0, c);
+    return p.convert ? w.narrow(0, 0, c).copy_(src) : src;
+  }
+
+  // x_hat_i . W_j for the block, [c, B] with row stride Bp.
+  at::Tensor dots(const Pass<T>& p, const at::Tensor& wb) {
+    auto out = v.narrow(0, 0, wb.size(0)).narrow(1, 0, p.B);
+    at::mm_out(out, wb, p.xh.t());
+    return out;
   }
 };
 
@@ -144,40 +181,81 @@ at::ScalarType acc_dtype(const at::Tensor& x, const at::Tensor& W) {
   return x.scalar_type() == at::kDouble || W.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// One thread's part of the forward: its buffers and the online softmax over its blocks.
 template <typename T>
-void fwd_impl(Pass<T>& p, double scale, bool normalize_w, at::Tensor& lse, at::Tensor& best,
-              at::Tensor& best_index, at::Tensor& direction, at::Tensor& w_inv_norm) {
+struct FwdWorker : Buffers<T> {
+  std::vector<T> m, l, best;
+  std::vector<int64_t> index;
+  at::Tensor direction;  // [B, D]
+
+  FwdWorker(const Pass<T>& p, const at::TensorOptions& opts)
+      : Buffers<T>(p, opts),
+        m(p.Bp, -std::numeric_limits<T>::infinity()),
+        l(p.Bp, 0),
+        best(p.Bp, -std::numeric_limits<T>::infinity()),
+        index(p.Bp, -1),
+        direction(at::zeros({p.B, p.D}, opts)) {}
+};
+
+// Combines the workers' online softmaxes row by row into the outputs.
+template <typename T>
+void merge_rows(const Pass<T>& p, const std::vector<FwdWorker<T>>& ws, at::Tensor& lse,
+                at::Tensor& best, at::Tensor& best_index, at::Tensor& direction) {
   constexpr T kInf = std::numeric_limits<T>::infinity();
-  std::vector<T> m(p.Bp, -kInf), l(p.Bp, 0), bst(p.Bp, -kInf);
-  std::vector<int64_t> at_index(p.Bp, -1);
-  T* dir = direction.data_ptr<T>();
-  T* w_inv = w_inv_norm.data_ptr<T>();
-  for (int64_t j0 = 0; j0 < p.M; j0 += p.C) {
-    const int64_t c = std::min(p.C, p.M - j0);
-    const at::Tensor wb = p.block_w(j0, c);
-    if (normalize_w) {
-      const T* w = wb.data_ptr<T>();
-      Pass<T>::over_columns(c, [&](int64_t a, int64_t b) {
-        p.k.inv_norms(w + a * p.D, b - a, p.D, static_cast<T>(kEps), w_inv + j0 + a);
-      });
-    }
-    const at::Tensor v = p.dots(wb);
-    const Block<T> blk = p.block(v, w_inv + j0, j0, scale);
-    const FwdState<T> st{m.data(), l.data(), bst.data(), at_index.data(), dir, p.B, p.D, j0};
-    p.over_rows(blk.v, j0, c, [&](int64_t r0, int64_t r1) { p.k.fwd_rows(blk, r0, r1, st); });
-    direction.addmm_(v.t(), wb);
-  }
   T* out_lse = lse.data_ptr<T>();
   T* out_best = best.data_ptr<T>();
   int64_t* out_index = best_index.data_ptr<int64_t>();
+  T* dir = direction.data_ptr<T>();
   for (int64_t i = 0; i < p.B; ++i) {
-    out_lse[i] = l[i] > 0 ? m[i] + std::log(l[i]) : -kInf;
-    out_best[i] = bst[i];
-    out_index[i] = at_index[i];
-    if (l[i] > 0) {
-      for (int64_t e = 0; e < p.D; ++e) dir[i * p.D + e] /= l[i];
+    T m = -kInf, l = 0, b = -kInf;
+    int64_t idx = -1;
+    for (const auto& w : ws) {
+      m = std::max(m, w.m[i]);
+      if (w.best[i] > b || (w.best[i] == b && w.index[i] >= 0 && w.index[i] < idx)) {
+        b = w.best[i];
+        idx = w.index[i];
+      }
+    }
+    T* d = dir + i * p.D;
+    for (const auto& w : ws) {
+      if (w.l[i] == 0) continue;
+      const T f = std::exp(w.m[i] - m);
+      l += w.l[i] * f;
+      const T* wd = w.direction.template data_ptr<T>() + i * p.D;
+      for (int64_t e = 0; e < p.D; ++e) d[e] += wd[e] * f;
+    }
+    out_lse[i] = l > 0 ? m + std::log(l) : -kInf;
+    out_best[i] = b;
+    out_index[i] = idx;
+    if (l > 0) {
+      for (int64_t e = 0; e < p.D; ++e) d[e] /= l;
     }
   }
+}
+
+template <typename T>
+void fwd_impl(const Pass<T>& p, double scale, bool normalize_w, at::Tensor& lse, at::Tensor& best,
+              at::Tensor& best_index, at::Tensor& direction, at::Tensor& w_inv_norm) {
+  std::vector<FwdWorker<T>> ws;
+  for (int64_t w = 0; w < p.workers(); ++w) ws.emplace_back(p, p.xh.options());
+  T* w_inv = w_inv_norm.data_ptr<T>();
+  p.over_blocks([&](int64_t w, int64_t j0, int64_t c, bool parallel) {
+    FwdWorker<T>& wk = ws[w];
+    const at::Tensor wb = wk.block_w(p, j0, c);
+    if (normalize_w) {
+      const T* wp = wb.data_ptr<T>();
+      Pass<T>::over_columns(parallel, c, [&](int64_t a, int64_t b) {
+        p.k.inv_norms(wp + a * p.D, b - a, p.D, static_cast<T>(kEps), w_inv + j0 + a);
+      });
+    }
+    const at::Tensor v = wk.dots(p, wb);
+    const Block<T> blk = p.block(v, w_inv + j0, j0, scale);
+    const FwdState<T> st{wk.m.data(), wk.l.data(), wk.best.data(), wk.index.data(),
+                         wk.direction.template data_ptr<T>(), p.B, p.D, j0};
+    p.over_rows(parallel, blk.v, j0, c, [&](int64_t r0, int64_t r1) { p.k.fwd_rows(blk, r0, r1, st); });
+    wk.direction.addmm_(v.t(), wb);
+  });
+  merge_rows(p, ws, lse, best, best_index, direction);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cos_lse_fwd_cpu(
@@ -193,14 +271,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cos_lse_f
   auto direction = at::zeros({B, D}, opts);
   auto w_inv_norm = normalize_w ? at::empty({M}, opts) : at::ones({M}, opts);
   AT_DISPATCH_FLOATING_TYPES(dt, "cos_lse_fwd_cpu", [&] {
-    Pass<scalar_t> p(x, W, row_labels, col_labels, normalize_x, dt);
+    const Pass<scalar_t> p(x, W, row_labels, col_labels, normalize_x, dt);
     fwd_impl<scalar_t>(p, scale, normalize_w, lse, best, best_index, direction, w_inv_norm);
   });
   return {lse, best, best_index, direction, w_inv_norm};
 }
 
 template <typename T>
-void bwd_w_impl(Pass<T>& p, double scale, bool normalize_w, const at::Tensor& grad_lse,
+void bwd_w_impl(const Pass<T>& p, double scale, bool normalize_w, const at::Tensor& grad_lse,
                 const at::Tensor& lse, const at::Tensor& w_inv_norm, at::Tensor& grad_W) {
   constexpr T kInf = std::numeric_limits<T>::infinity();
   // Rows without other columns (lse = +-inf) and the padding lanes give zeros: coef 0, lse +inf.
@@ -214,27 +292,31 @@ void bwd_w_impl(Pass<T>& p, double scale, bool normalize_w, const at::Tensor& gr
     lse_eff[i] = li;
   }
   const T* w_inv = w_inv_norm.data_ptr<T>();
-  const bool direct = !p.convert;  // H goes straight into grad_W's block
-  at::Tensor hbuf = direct ? at::Tensor() : at::empty({p.C, p.D}, p.xh.options());
-  for (int64_t j0 = 0; j0 < p.M; j0 += p.C) {
-    const int64_t c = std::min(p.C, p.M - j0);
-    const at::Tensor wb = p.block_w(j0, c);
-    const at::Tensor v = p.dots(wb);
+  // H = gamma^T x_hat goes straight into grad_W's block when W is in T, else through h.
+  std::vector<Buffers<T>> ws;
+  std::vector<at::Tensor> hs;
+  for (int64_t w = 0; w < p.workers(); ++w) {
+    ws.emplace_back(p, p.xh.options());
+    hs.push_back(p.convert ? at::empty({p.C, p.D}, p.xh.options()) : at::Tensor());
+  }
+  p.over_blocks([&](int64_t w, int64_t j0, int64_t c, bool parallel) {
+    const at::Tensor wb = ws[w].block_w(p, j0, c);
+    const at::Tensor v = ws[w].dots(p, wb);
     const Block<T> blk = p.block(v, w_inv + j0, j0, scale);
-    p.over_rows(blk.v, j0, c, [&](int64_t r0, int64_t r1) {
+    p.over_rows(parallel, blk.v, j0, c, [&](int64_t r0, int64_t r1) {
       p.k.bwd_rows(blk, r0, r1, coef.data(), lse_eff.data());
     });
-    at::Tensor h = direct ? grad_W.narrow(0, j0, c) : hbuf.narrow(0, 0, c);
+    at::Tensor h = p.convert ? hs[w].narrow(0, 0, c) : grad_W.narrow(0, j0, c);
     at::mm_out(h, v, p.xh);
     if (normalize_w) {
       T* hp = h.data_ptr<T>();
-      const T* w = wb.data_ptr<T>();
-      Pass<T>::over_columns(c, [&](int64_t a, int64_t b) {
-        p.k.project(hp + a * p.D, w + a * p.D, w_inv + j0 + a, b - a, p.D);
+      const T* wp = wb.data_ptr<T>();
+      Pass<T>::over_columns(parallel, c, [&](int64_t a, int64_t b) {
+        p.k.project(hp + a * p.D, wp + a * p.D, w_inv + j0 + a, b - a, p.D);
       });
     }
-    if (!direct) grad_W.narrow(0, j0, c).copy_(h);
-  }
+    if (p.convert) grad_W.narrow(0, j0, c).copy_(h);
+  });
 }
 
 at::Tensor cos_lse_bwd_w_cpu(const at::Tensor& grad_lse, const at::Tensor& x, const at::Tensor& W,
@@ -250,7 +332,7 @@ at::Tensor cos_lse_bwd_w_cpu(const at::Tensor& grad_lse, const at::Tensor& x, co
   auto grad_W = at::empty(W.sizes(), W.options().memory_format(at::MemoryFormat::Contiguous));
   auto w_inv = normalize_w ? w_inv_norm.to(dt).contiguous() : at::ones({M}, x.options().dtype(dt));
   AT_DISPATCH_FLOATING_TYPES(dt, "cos_lse_bwd_w_cpu", [&] {
-    Pass<scalar_t> p(x, W, row_labels, col_labels, normalize_x, dt);
+    const Pass<scalar_t> p(x, W, row_labels, col_labels, normalize_x, dt);
     bwd_w_impl<scalar_t>(p, scale, normalize_w, grad_lse, lse, w_inv, grad_W);
   });
   return grad_W;

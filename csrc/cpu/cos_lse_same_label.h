@@ -2,6 +2,7 @@
 // own label. They are few (a row's class has a handful of columns at most), so they are found once
 // per call and written as -inf into each block of dot products before its fused pass.
 #pragma once
+#include <algorithm>
 #include <cstdint>
 #include <limits>
 #include <vector>
@@ -13,7 +14,7 @@ class SameLabel {
  public:
   // rows [B], cols [M]: int64 labels (a column label < 0 is empty and matches nothing).
   SameLabel(const int64_t* rows, int64_t B, const int64_t* cols, int64_t M)
-      : begin_(B, 0), end_(B, 0), next_(B, 0) {
+      : begin_(B, 0), end_(B, 0) {
     int bits = 1;
     while ((int64_t{1} << bits) < 2 * B) ++bits;
     const uint64_t mask = (uint64_t{1} << bits) - 1;
@@ -50,23 +51,23 @@ class SameLabel {
     for (size_t e = 0; e < hit_col.size(); ++e) cols_[fill[hit_group[e]]++] = hit_col[e];
     for (int64_t i = 0; i < B; ++i) {
       if (group_of_row[i] < 0) continue;
-      begin_[i] = next_[i] = count[group_of_row[i]];
+      begin_[i] = count[group_of_row[i]];
       end_[i] = count[group_of_row[i] + 1];
     }
   }
 
   // Writes -inf at row i's same-label columns in [j0, j1) of v [j1 - j0, ld] (column j is row
-  // j - j0 of v). Blocks must come in increasing order; each row is visited by one thread at a time.
+  // j - j0 of v).
   template <typename T>
-  void mask_block(T* v, int64_t ld, int64_t j0, int64_t j1, int64_t i) {
-    int64_t& n = next_[i];
-    for (; n < end_[i] && cols_[n] < j1; ++n) {
-      v[(cols_[n] - j0) * ld + i] = -std::numeric_limits<T>::infinity();
+  void mask_block(T* v, int64_t ld, int64_t j0, int64_t j1, int64_t i) const {
+    const auto end = cols_.begin() + end_[i];
+    for (auto it = std::lower_bound(cols_.begin() + begin_[i], end, j0); it != end && *it < j1; ++it) {
+      v[(*it - j0) * ld + i] = -std::numeric_limits<T>::infinity();
     }
   }
 
  private:
-  std::vector<int64_t> cols_, begin_, end_, next_;
+  std::vector<int64_t> cols_, begin_, end_;  // per row: its range [begin, end) in cols_
 };
 
 }  // namespace cos_lse
