@@ -1,5 +1,5 @@
-"""DoppelgangerLists against a plain per-class dict reference of the same rule (decayed highest
-cosine), on random pairs with repeats, plus state_dict, size and bad input."""
+"""DoppelgangerLists against a plain per-class dict reference of the same rule (decayed
+evidence), on random pairs with repeats, plus state_dict, size and bad input."""
 import numpy as np
 import pytest
 import torch
@@ -22,10 +22,11 @@ class DictLists:
         for a, b, c in pairs:
             s = float(np.float32(min(max((1 + c) / 2, 0.0), 1.0)))
             new.setdefault(a, {})
-            new[a][b] = max(new[a].get(b, -1.0), s)
+            new[a][b] = new[a].get(b, 0.0) + s
         for a, cands in new.items():
             old = {b: float(np.float16(s)) * self.decay for b, s in self.lists.get(a, {}).items()}
-            old.update(cands)
+            for b, s in cands.items():
+                old[b] = old.get(b, 0.0) + s
             best = sorted(old.items(), key=lambda t: (-np.float32(t[1]), t[0]))[: self.k]
             self.lists[a] = {b: s for b, s in best}
 
@@ -59,7 +60,7 @@ def test_a_lookalike_that_stops_coming_back_fades():
     assert lists.lookalikes([0])[0, 0] == 1
     lists.update([0], [2], [0.5])  # 1: 0.95 * 0.5 = 0.475 < 0.75
     assert lists.lookalikes([0])[0, 0] == 2
-    lists.update([0], [1], [0.6])  # seen again: its new score 0.8 beats 0.75 * 0.5
+    lists.update([0, 0], [1, 1], [-0.6, -0.6])  # seen again, twice: 0.475 * 0.5 + 2 * 0.2 beats 0.75 * 0.5
     assert lists.lookalikes([0])[0, 0] == 1
 
 

@@ -3,14 +3,15 @@
 Host-side (numpy), ``num_classes x k`` entries of an int32 class id and a float16 score:
 6 k bytes per class (k = 4: 24 bytes; 1e7 classes: 240 MB). An update costs O(n k) for n pairs.
 
-The rule (decayed highest cosine): a pair (a, b, cos) - a row of class a whose closest other
-class was b at cosine ``cos`` - scores b for a with ``(1 + cos) / 2`` in [0, 1]. When class a is
-updated, the scores already in its list are first multiplied by ``decay`` (once per update, not
-per pair), a look-alike seen again takes its new score (several in one update: the highest), and
-the k highest scores stay (ties: the smaller class id). Decay is per update of the class, so a
-look-alike that stops being the closest fades after a few of the class's own updates, while one
-that keeps coming back keeps its place; with ``symmetric`` the pair also updates b's list with a.
-Each list is kept sorted by score, best first.
+The rule (decayed evidence): a pair (a, b, cos) - a row of class a whose closest other class
+was b at cosine ``cos`` - is evidence ``(1 + cos) / 2`` in [0, 1] that b looks like a. When class
+a is updated, the scores already in its list are first multiplied by ``decay`` (once per update,
+not per pair), then each look-alike's evidence of this update (summed over its pairs) is added
+to its score (0 for a newcomer), and the k highest scores stay (ties: the smaller class id). A
+true look-alike is the closest other class of many of a's rows, update after update, so its
+score builds up; a one-off (noise: a sample that happened to fall near another class) fades by
+``decay`` per update of the class. With ``symmetric`` the pair also offers a to b's list. Each
+list is kept sorted by score, best first.
 """
 import numpy as np
 import torch
@@ -78,12 +79,13 @@ class DoppelgangerLists:
         if rows.size == 0:
             return
         score = np.clip((1.0 + cos) / 2.0, 0.0, 1.0).astype(np.float32)
-        # distinct (row, other) pairs, the highest score of each
-        order = np.lexsort((-score, others, rows))
+        # distinct (row, other) pairs, the summed evidence of each
+        order = np.lexsort((others, rows))
         rows, others, score = rows[order], others[order], score[order]
         first = np.ones(rows.size, bool)
         first[1:] = (rows[1:] != rows[:-1]) | (others[1:] != others[:-1])
-        rows, others, score = rows[first], others[first], score[first]
+        score = np.add.reduceat(score, np.flatnonzero(first)).astype(np.float32)
+        rows, others = rows[first], others[first]
         classes, start, count = np.unique(rows, return_index=True, return_counts=True)
         # the new candidates of each updated class in a [U, m] grid
         u = np.repeat(np.arange(classes.size), count)
@@ -93,8 +95,9 @@ class DoppelgangerLists:
         new_o[u, j], new_s[u, j] = others, score
         old_o = self.others[classes].astype(np.int64)
         old_s = np.where(old_o >= 0, self.scores[classes].astype(np.float32) * self.decay, -np.inf)
-        seen_again = (old_o[:, :, None] == new_o[:, None, :]).any(axis=2)
-        old_s[seen_again] = -np.inf
+        again = (old_o[:, :, None] == new_o[:, None, :]) & (old_o[:, :, None] >= 0)  # [U, k, m]
+        new_s += np.where(again, old_s[:, :, None], 0.0).sum(axis=1)
+        old_s[again.any(axis=2)] = -np.inf
         cand_o = np.concatenate([np.where(np.isfinite(old_s), old_o, -1), new_o], axis=1)
         cand_s = np.concatenate([old_s, new_s], axis=1)
         top = np.lexsort((cand_o, -cand_s), axis=1)[:, :self.k]
@@ -123,3 +126,25 @@ class DoppelgangerLists:
     def __repr__(self):
         return (f"DoppelgangerLists(num_classes={self.num_classes}, k={self.k}, decay={self.decay}, "
                 f"symmetric={self.symmetric}, {self.nbytes / 2**20:.1f} MB)")
+
+
+def planted_recovery(lists, partners):
+    """How well the lists found known look-alikes (e.g. ``SyntheticIdentities.planted_partners``).
+
+    Args:
+        lists: DoppelgangerLists.
+        partners: int64 [C, P] tensor or array: each class's true look-alikes, -1 padded (a
+            class with none takes no part).
+    Returns:
+        dict: ``precision`` (of the planted classes with a non-empty list, the share whose best
+        entry is a true look-alike), ``recall`` (of the planted classes, the share with a true
+        look-alike anywhere in its list), ``found`` (planted classes with a non-empty list).
+    """
+    partners = _to_numpy(partners, np.int64).reshape(lists.num_classes, -1)
+    planted = (partners >= 0).any(axis=1)
+    listed = lists.others.astype(np.int64)
+    hit = (listed[:, :, None] == partners[:, None, :]) & (partners[:, None, :] >= 0)
+    found = planted & (listed[:, 0] >= 0)
+    return {"precision": float(hit[found, 0].any(axis=1).mean()) if found.any() else float("nan"),
+            "recall": float(hit[planted].any(axis=(1, 2)).mean()) if planted.any() else float("nan"),
+            "found": int(found.sum())}
