@@ -106,3 +106,29 @@ def test_batch_larger_than_the_queue_keeps_its_last_keys():
     order = torch.argsort(head.queue.labels)
     assert head.queue.labels[order].tolist() == list(range(12, 17))
     torch.testing.assert_close(head.queue.keys[order], k[2:], atol=0, rtol=0)
+
+
+def test_unchecked_negative_labels_leave_their_rows_out(monkeypatch):
+    """Where the label check is skipped (CUDA without PROTOMEM_DEBUG): rows labelled < 0 give the
+    loss and gradients of the batch without them, and their keys join the queue as empty entries."""
+    from protomem.losses import dcq
+
+    monkeypatch.setattr(dcq, "check_batch_labels", lambda labels: None)
+    g = torch.Generator().manual_seed(5)
+    a, b = DCQLoss(8, 40), DCQLoss(8, 40)
+    for step in range(3):
+        q, k = torch.randn(9, 8, generator=g), torch.randn(9, 8, generator=g)
+        y = torch.randint(6, (9,), generator=g)
+        y[[2, 5]] = -1
+        keep = y >= 0
+        qa, qb = q.clone().requires_grad_(), q[keep].clone().requires_grad_()
+        la, lb = a(qa, k, y), b(qb, k[keep], y[keep])
+        la.backward()
+        lb.backward()
+        torch.testing.assert_close(la, lb, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(qa.grad[keep], qb.grad, atol=1e-6, rtol=1e-5)
+        assert (qa.grad[~keep] == 0).all() and a.last_stats["rows"] == 7
+        a.flush()
+        b.flush()
+        held = a.queue.labels[a.queue.labels >= 0]
+        assert sorted(held.tolist()) == sorted(b.queue.labels[b.queue.labels >= 0].tolist())

@@ -81,9 +81,6 @@ def test_unchecked_negative_labels_are_left_out():
     assert a.memory.stats()["rejected"] == 3  # class -3 in each step; -1 is padding
 
 
-@pytest.mark.xfail(strict=True, reason="DCQLoss._step checks labels with bool((Y < 0).any()), a "
-                   "host sync that breaks the graph (issue 13 owns DCQ's input checks); without "
-                   "it the step compiles fullgraph and matches eager")
 def test_dcq_step_compiles_fullgraph_and_matches_eager():
     eager, compiled = DCQLoss(D, 15), DCQLoss(D, 15)
     step = torch.compile(compiled, fullgraph=True, backend="aot_eager")

@@ -9,6 +9,7 @@ from ..memory import ClassQueue
 from ..mining.pairs import closest_other_class, gather_pairs, pack_pairs, unpack_pairs
 from ._common import StepStats, check_embeddings, check_labels, check_margin, cosine, global_mean
 from ._common import check_precision, row_loss
+from .prototype_memory import check_batch_labels
 
 
 class DCQLoss(nn.Module):
@@ -76,8 +77,10 @@ class DCQLoss(nn.Module):
             non-finite loss and the queue is left untouched.
 
         Raises:
-            TypeError / ValueError: bad shapes, dtypes or devices, negative labels (one host sync
-                checks them), before any state changes.
+            TypeError / ValueError: bad shapes, dtypes or devices, before any state changes;
+                negative labels on CPU, and on CUDA only with PROTOMEM_DEBUG=1 (the check would
+                wait for the device): unchecked, their rows are left out of the loss and their
+                keys are not enqueued.
 
         A global batch larger than the queue is allowed: its keys wrap around the ring, so the
         queue then holds the batch's last ``queue_size`` keys only (the trainer's CLI refuses
@@ -95,8 +98,7 @@ class DCQLoss(nn.Module):
 
     def _step(self, q, k, y):
         K, Y, _ = distributed.gather_batch(k, y, with_grad=False)
-        if bool((Y < 0).any()):
-            raise ValueError("labels must be non-negative class ids")
+        check_batch_labels(Y)  # as PM: no host sync on CUDA, where negative labels' rows are left out
         bad = (~torch.isfinite(q).all() | ~torch.isfinite(K).all()).to(torch.float32)
         ok = distributed.all_reduce(bad[None], op="max")[0] == 0  # one rank's NaN skips all
         pos = cosine(q, k)
@@ -104,16 +106,17 @@ class DCQLoss(nn.Module):
                                                               pos, **self.margin.params(),
                                                               precision=self.precision, with_index=True)
         self._mining = pack_pairs(y, closest_other_class(best_i, self.queue.labels), best_o)
-        no_row = torch.zeros_like(y, dtype=torch.bool)
-        local = row_loss(lse, target, no_row).sum()
-        correct = (best_t >= best_o).sum()
-        n_total = torch.tensor(K.shape[0], device=q.device)
-        parts = (correct, pos.detach().sum(), lse.detach().sum(), target.detach().sum())
+        ignored = y < 0
+        local = row_loss(lse, target, ignored).sum()
+        correct = ((best_t >= best_o) & ~ignored).sum()
+        n_total = (Y >= 0).sum()  # rows with a negative label take no part (their keys are not enqueued)
+        parts = (correct,) + tuple(torch.where(ignored, 0, v.detach()).sum() for v in (pos, lse, target))
         loss, (n_correct, pos_sum, lse_sum, target_sum) = global_mean(local, n_total, parts)
         self._pending = (K, Y, ok)
-        self._stats.set(loss=loss, lse=lse_sum / n_total, target_logit=target_sum / n_total,
-                        accuracy=n_correct / n_total, rows=n_total,
-                        positive_cos=pos_sum / n_total, committed=ok)
+        n = n_total.clamp_min(1)
+        self._stats.set(loss=loss, lse=lse_sum / n, target_logit=target_sum / n,
+                        accuracy=n_correct / n, rows=n_total,
+                        positive_cos=pos_sum / n, committed=ok)
         return loss
 
     @torch.no_grad()
