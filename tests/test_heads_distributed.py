@@ -59,7 +59,10 @@ def test_states_identical_on_both_ranks_and_equal_one_process(runs, name):
     for key in a:
         assert torch.equal(a[key], b[key]), key  # memories identical on the ranks
         if a[key].is_floating_point():
-            torch.testing.assert_close(a[key], want[key], atol=1e-5, rtol=1e-4)
+            # float32 sums in another order, compounded by 20 SGD steps (lr 0.5, momentum 0.9) on
+            # the class weights: one process with another column block size of the kernel
+            # differs from itself by 1.8e-4 (a sharding error would be O(0.1))
+            torch.testing.assert_close(a[key], want[key], atol=1e-3, rtol=1e-3)
         else:
             assert torch.equal(a[key], want[key]), key
     if name.startswith("pm"):
@@ -72,7 +75,8 @@ def test_checkpoint_from_world_two_loads_in_world_one(runs, name):
     head, opt = make(name)
     head.load_state_dict(ranks[0][name]["state"])  # saved at world size 2: the full matrix
     assert head.weight.shape[0] == 50
-    torch.testing.assert_close(head.weight.detach(), single[name]["state"]["weight"], atol=1e-5, rtol=1e-4)
+    # the 2-process weights hold the rounding of another summation order (see above)
+    torch.testing.assert_close(head.weight.detach(), single[name]["state"]["weight"], atol=1e-3, rtol=1e-3)
 
 
 @pytest.mark.parametrize("name", CASES)
