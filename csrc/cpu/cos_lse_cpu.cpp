@@ -132,23 +132,29 @@ struct Pass {
     at::parallel_for(0, c, std::max<int64_t>(64, (c + nt - 1) / nt), fn);
   }
 
-  // fn(worker, j0, c, parallel) for every block. Split: each thread takes the next block as it
-  // finishes one (a thread on a busy core simply takes fewer) and the threads meet once, at the
-  // end. Otherwise: blocks in order, each spread over all threads.
+  // Split: the blocks are cut into parts() runs of consecutive blocks; each thread takes the
+  // next run as it finishes one (a thread on a busy core simply takes fewer) and the threads meet
+  // once, at the end. A run's results do not depend on which thread ran it, so the forward is
+  // deterministic. Otherwise one run, each block spread over all threads.
+  int64_t parts() const {
+    const int64_t blocks = (M + C - 1) / C;
+    return split ? std::max<int64_t>(1, std::min(blocks, 8 * workers())) : 1;
+  }
+
+  // fn(worker, part, j0, c, parallel) for every block, in order within a part.
   template <typename Fn>
   void over_blocks(const Fn& fn) const {
-    const int64_t blocks = (M + C - 1) / C;
-    auto run = [&](int64_t w, int64_t b, bool parallel) {
-      fn(w, b * C, std::min(C, M - b * C), parallel);
+    const int64_t blocks = (M + C - 1) / C, n = parts();
+    auto run = [&](int64_t w, int64_t part, bool parallel) {
+      for (int64_t b = part * blocks / n; b < (part + 1) * blocks / n; ++b) {
+        fn(w, part, b * C, std::min(C, M - b * C), parallel);
+      }
     };
-    if (!split || workers() == 1) {
-      for (int64_t b = 0; b < blocks; ++b) run(0, b, !split);
-      return;
-    }
+    if (!split) return run(0, 0, true);
     std::atomic<int64_t> next{0};
     at::parallel_for(0, workers(), 1, [&](int64_t w0, int64_t w1) {
       for (int64_t w = w0; w < w1; ++w) {
-        for (int64_t b = next++; b < blocks; b = next++) run(w, b, false);
+        for (int64_t part = next++; part < n; part = next++) run(w, part, false);
       }
     });
   }
@@ -181,25 +187,24 @@ at::ScalarType acc_dtype(const at::Tensor& x, const at::Tensor& W) {
   return x.scalar_type() == at::kDouble || W.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// One thread's part of the forward: its buffers and the online softmax over its blocks.
+// The online softmax of one run of blocks (see Pass::parts).
 template <typename T>
-struct FwdWorker : Buffers<T> {
+struct Partial {
   std::vector<T> m, l, best;
   std::vector<int64_t> index;
   at::Tensor direction;  // [B, D]
 
-  FwdWorker(const Pass<T>& p, const at::TensorOptions& opts)
-      : Buffers<T>(p, opts),
-        m(p.Bp, -std::numeric_limits<T>::infinity()),
+  Partial(const Pass<T>& p, const at::TensorOptions& opts)
+      : m(p.Bp, -std::numeric_limits<T>::infinity()),
         l(p.Bp, 0),
         best(p.Bp, -std::numeric_limits<T>::infinity()),
         index(p.Bp, -1),
         direction(at::zeros({p.B, p.D}, opts)) {}
 };
 
-// Combines the workers' online softmaxes row by row into the outputs.
+// Combines the runs' online softmaxes row by row, in order, into the outputs.
 template <typename T>
-void merge_rows(const Pass<T>& p, const std::vector<FwdWorker<T>>& ws, at::Tensor& lse,
+void merge_rows(const Pass<T>& p, const std::vector<Partial<T>>& parts, at::Tensor& lse,
                 at::Tensor& best, at::Tensor& best_index, at::Tensor& direction) {
   constexpr T kInf = std::numeric_limits<T>::infinity();
   T* out_lse = lse.data_ptr<T>();
@@ -209,7 +214,7 @@ void merge_rows(const Pass<T>& p, const std::vector<FwdWorker<T>>& ws, at::Tenso
   for (int64_t i = 0; i < p.B; ++i) {
     T m = -kInf, l = 0, b = -kInf;
     int64_t idx = -1;
-    for (const auto& w : ws) {
+    for (const auto& w : parts) {
       m = std::max(m, w.m[i]);
       if (w.best[i] > b || (w.best[i] == b && w.index[i] >= 0 && w.index[i] < idx)) {
         b = w.best[i];
@@ -217,7 +222,7 @@ void merge_rows(const Pass<T>& p, const std::vector<FwdWorker<T>>& ws, at::Tenso
       }
     }
     T* d = dir + i * p.D;
-    for (const auto& w : ws) {
+    for (const auto& w : parts) {
       if (w.l[i] == 0) continue;
       const T f = std::exp(w.m[i] - m);
       l += w.l[i] * f;
@@ -236,26 +241,28 @@ void merge_rows(const Pass<T>& p, const std::vector<FwdWorker<T>>& ws, at::Tenso
 template <typename T>
 void fwd_impl(const Pass<T>& p, double scale, bool normalize_w, at::Tensor& lse, at::Tensor& best,
               at::Tensor& best_index, at::Tensor& direction, at::Tensor& w_inv_norm) {
-  std::vector<FwdWorker<T>> ws;
+  std::vector<Buffers<T>> ws;
   for (int64_t w = 0; w < p.workers(); ++w) ws.emplace_back(p, p.xh.options());
+  std::vector<Partial<T>> parts;
+  for (int64_t r = 0; r < p.parts(); ++r) parts.emplace_back(p, p.xh.options());
   T* w_inv = w_inv_norm.data_ptr<T>();
-  p.over_blocks([&](int64_t w, int64_t j0, int64_t c, bool parallel) {
-    FwdWorker<T>& wk = ws[w];
-    const at::Tensor wb = wk.block_w(p, j0, c);
+  p.over_blocks([&](int64_t w, int64_t part, int64_t j0, int64_t c, bool parallel) {
+    Partial<T>& pt = parts[part];
+    const at::Tensor wb = ws[w].block_w(p, j0, c);
     if (normalize_w) {
       const T* wp = wb.data_ptr<T>();
       Pass<T>::over_columns(parallel, c, [&](int64_t a, int64_t b) {
         p.k.inv_norms(wp + a * p.D, b - a, p.D, static_cast<T>(kEps), w_inv + j0 + a);
       });
     }
-    const at::Tensor v = wk.dots(p, wb);
+    const at::Tensor v = ws[w].dots(p, wb);
     const Block<T> blk = p.block(v, w_inv + j0, j0, scale);
-    const FwdState<T> st{wk.m.data(), wk.l.data(), wk.best.data(), wk.index.data(),
-                         wk.direction.template data_ptr<T>(), p.B, p.D, j0};
+    const FwdState<T> st{pt.m.data(), pt.l.data(), pt.best.data(), pt.index.data(),
+                         pt.direction.template data_ptr<T>(), p.B, p.D, j0};
     p.over_rows(parallel, blk.v, j0, c, [&](int64_t r0, int64_t r1) { p.k.fwd_rows(blk, r0, r1, st); });
-    wk.direction.addmm_(v.t(), wb);
+    pt.direction.addmm_(v.t(), wb);
   });
-  merge_rows(p, ws, lse, best, best_index, direction);
+  merge_rows(p, parts, lse, best, best_index, direction);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cos_lse_fwd_cpu(
@@ -299,7 +306,7 @@ void bwd_w_impl(const Pass<T>& p, double scale, bool normalize_w, const at::Tens
     ws.emplace_back(p, p.xh.options());
     hs.push_back(p.convert ? at::empty({p.C, p.D}, p.xh.options()) : at::Tensor());
   }
-  p.over_blocks([&](int64_t w, int64_t j0, int64_t c, bool parallel) {
+  p.over_blocks([&](int64_t w, int64_t, int64_t j0, int64_t c, bool parallel) {
     const at::Tensor wb = ws[w].block_w(p, j0, c);
     const at::Tensor v = ws[w].dots(p, wb);
     const Block<T> blk = p.block(v, w_inv + j0, j0, scale);
