@@ -46,7 +46,10 @@ def time_fn(fn, device, min_run_time=0.5):
         return tuple(t / 1e3 for t in ms)
     import torch.utils.benchmark as tbench
 
-    m = tbench.Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time)
+    # Timer runs stmt with a thread pool of 1 unless told otherwise: time with the threads the
+    # device row names (torch.get_num_threads())
+    m = tbench.Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()
+                     ).blocked_autorange(min_run_time=min_run_time)
     return (m.median,) + _quantiles(m.times)[1:]
 
 
