@@ -67,17 +67,6 @@ TORCH_LIBRARY(protomem, m) {
   m.def("lookup(Tensor index_keys, Tensor index_vals, Tensor labels) -> Tensor");
   // Rebuilds the index from slot_labels (after a load, or to clear tombstones).
   m.def("rebuild_index_(Tensor(a!) index_keys, Tensor(b!) index_vals, Tensor slot_labels) -> ()");
-  // Fused normalised-logit + margin + softmax cross-entropy (per-row statistics only):
-  //   lse [B] (all logits), target [B] (target logit(s), -inf if none), best_target [B] (the
-  //   best target cosine, or pos_cos), best_other [B] (the best non-target cosine); -inf if none
-  m.def("margin_ce_fwd(Tensor x, Tensor W, Tensor row_labels, Tensor col_labels, Tensor? pos_cos,"
-        " float scale, float m1, float m2, float m3, bool normalize_x, bool normalize_w)"
-        " -> (Tensor lse, Tensor target, Tensor best_target, Tensor best_other)");
-  // Gradients of margin_ce_fwd's lse and target w.r.t. x, W (when need_grad_w) and pos_cos.
-  m.def("margin_ce_bwd(Tensor grad_lse, Tensor grad_target, Tensor x, Tensor W, Tensor row_labels,"
-        " Tensor col_labels, Tensor? pos_cos, Tensor lse, Tensor target, float scale, float m1,"
-        " float m2, float m3, bool normalize_x, bool normalize_w, bool need_grad_w)"
-        " -> (Tensor grad_x, Tensor? grad_W, Tensor? grad_pos_cos)");
   // The softmax of s*cos(x_i, W_j) over each row's *other* columns (label >= 0 and != the row's
   // label), kept as per-row values (protomem/reference.py::cos_lse_fwd_ref): lse [B], best [B]
   // (highest other cosine), best_index [B] int64 (its smallest column, -1 if none), direction

@@ -106,7 +106,8 @@ def queue_enqueue_ref(queue, queue_labels, counters, keys, labels):
 
 def margin_ce_stats_ref(x, W, row_labels, col_labels, pos_cos=None, *, scale, m1=1.0, m2=0.0,
                         m3=0.0, normalize_x=True, normalize_w=True, with_index=False):
-    """Materialising reference of ``margin_ce_fwd``: the per-row statistics of the margin softmax.
+    """Materialising reference of ``protomem.functional.margin_ce_stats``: the per-row statistics of
+    the margin softmax.
 
     Logits ``s*cos(x_i, W_j)`` over the columns whose label is >= 0 (a negative column label is
     an empty memory slot or queue entry and never takes part). Without ``pos_cos`` the columns
