@@ -248,3 +248,17 @@ def test_best_other_index_matches_reference(with_pos):
     assert (got[4] >= 0).all()
     cos = torch.nn.functional.normalize(case["x"], dim=1) @ torch.nn.functional.normalize(W, dim=1).T
     torch.testing.assert_close(cos[torch.arange(23), got[4]], got[3])
+
+
+@pytest.mark.parametrize("head", ["pm", "dcq", "pfc", "full"])
+def test_every_head_takes_the_precision_option(head):
+    import protomem
+    from protomem.training.builders import build_head
+    from protomem.training.config import OPTIONS
+
+    cfg = {k: v[0] for k, v in OPTIONS.items()} | dict(head=head, embedding_size=8, identities_per_batch=4,
+                                                       samples_per_identity=2, precision="highest")
+    built = build_head(cfg, 100, torch.device("cpu"))
+    assert built.precision == "highest" and "precision='highest'" in repr(built)
+    with pytest.raises(ValueError, match="precision"):
+        protomem.PrototypeMemoryLoss(8, 16, precision="fast")

@@ -76,17 +76,22 @@ def build_head(cfg, num_classes, device):
         return losses.PrototypeMemoryLoss(
             D, M, margin=margin, momentum=cfg["pm_momentum"], policy=cfg["policy"],
             exemplars=cfg["exemplars"], detach_prototypes=cfg["detach_prototypes"],
-            quality=cfg["quality"], memory_dtype=_DTYPES[cfg["memory_dtype"]], device=device)
+            quality=cfg["quality"], memory_dtype=_DTYPES[cfg["memory_dtype"]],
+            precision=cfg.get("precision", "default"), device=device)
     if head == "dcq":
         K = _fraction_size(cfg["queue_size"], cfg["queue_fraction"], num_classes)
         rows = cfg["identities_per_batch"] * cfg["samples_per_identity"]
         if K < rows:
             raise ConfigError(f"argument --queue-size: the queue ({K} entries) is smaller than the {rows} "
                               "keys of one batch; raise --queue-size (or --queue-fraction) or lower the batch")
-        return losses.DCQLoss(D, K, margin=margin, queue_dtype=_DTYPES[cfg["memory_dtype"]], device=device)
+        return losses.DCQLoss(D, K, margin=margin, queue_dtype=_DTYPES[cfg["memory_dtype"]],
+                              precision=cfg.get("precision", "default"), device=device)
+    precision = cfg.get("precision", "default")
     if head == "pfc":
-        return losses.PartialFCLoss(D, num_classes, cfg["sample_rate"], margin=margin, seed=cfg["seed"], device=device)
-    return losses.FullSoftmaxLoss(D, num_classes, margin=margin, seed=cfg["seed"], device=device)
+        return losses.PartialFCLoss(D, num_classes, cfg["sample_rate"], margin=margin, seed=cfg["seed"],
+                                    precision=precision, device=device)
+    return losses.FullSoftmaxLoss(D, num_classes, margin=margin, seed=cfg["seed"], precision=precision,
+                                  device=device)
 
 
 def describe_head(head):

@@ -40,6 +40,8 @@ OPTIONS = {
     "detach_prototypes": (True, "pm: prototypes are constants of the loss"),
     "quality": (None, "pm: None or norm (weight exemplars by embedding norm)"),
     "memory_dtype": ("float32", "pm/dcq: storage dtype of the memory or queue"),
+    "precision": ("default", "the margin softmax's dot products: default (CUDA: tensor cores, "
+                  "bfloat16 operands, float32 accumulation) or highest (float32 operands)"),
     "queue_size": (None, "dcq: entries (default: queue_fraction * classes)"),
     "queue_fraction": (0.1, "dcq: queue size as a fraction of the classes"),
     "ema_momentum": (0.999, "dcq: momentum encoder EMA"),
@@ -84,6 +86,7 @@ CHOICES = {
     "head": HEADS, "margin": MARGINS, "backbone": ("mlp", "iresnet18", "iresnet34", "iresnet50", "iresnet100"),
     "policy": ("lru", "fifo"), "exemplars": ("all", "leave_one_out"), "quality": ("none", "norm"),
     "memory_dtype": ("float32", "bfloat16", "float16"), "optimizer": ("sgd", "adamw"),
+    "precision": ("default", "highest"),
     "schedule": ("poly", "cosine", "constant"), "amp": ("none", "bf16", "fp16"),
     "device": ("auto", "cpu", "cuda"), "mining": ("none", "doppelganger"),
 }

@@ -10,7 +10,7 @@ from .config import OPTIONS, ConfigError
 FIXED_ON_RESUME = (
     "data", "num_classes", "samples_per_class", "feature_dim", "image_mode", "noise", "data_seed",
     "backbone", "embedding_size", "hidden", "head", "margin", "scale", "m1", "m2", "m3",
-    "memory_size", "memory_fraction", "policy", "exemplars", "quality", "memory_dtype",
+    "memory_size", "memory_fraction", "policy", "exemplars", "quality", "memory_dtype", "precision",
     "queue_size", "queue_fraction", "sample_rate", "identities_per_batch", "samples_per_identity",
     "accum_steps", "seed", "optimizer", "amp", "lookalikes", "lookalike_spread", "mining", "mining_k",
 )
