@@ -120,3 +120,34 @@ def test_arcface_gradient_on_own_prototype(seed):
     p = torch.softmax(logits, 0)
     want = (64 * p[negatives, None] * (W[negatives] - cos[negatives, None] * xh)).sum(0) / xd.norm()
     torch.testing.assert_close(x.grad[0].double(), want, atol=2e-3, rtol=1e-3)
+
+
+def test_prior_accuracy_uses_the_prototypes_before_the_step():
+    """prior_accuracy: the row's class prototype from before the step against the other columns,
+    checked against a brute-force computation on a copy of the memory; the plain accuracy with
+    exemplars="all" is 1.0 on well-separated classes, the prior one is lower on a fresh memory."""
+    import torch.nn.functional as F
+
+    import protomem
+
+    torch.manual_seed(0)
+    head = protomem.PrototypeMemoryLoss(16, 40, margin=protomem.CosFace(16, 0.2))
+    centres = F.normalize(torch.randn(30, 16), dim=1)
+    for step in range(4):
+        y = torch.randint(0, 30, (24,))
+        x = centres[y] + 0.3 * torch.randn(24, 16)
+        before = head.memory.state_dict()
+        prev_protos, prev_labels = before["protos"].clone(), before["slot_labels"].clone()
+        head(x, y)
+        stats = head.last_stats
+        protos, labels = head.memory.protos, head.memory.slot_labels
+        xn = F.normalize(x, dim=1)
+        cos = xn @ F.normalize(protos, dim=1).T
+        other = (labels[None, :] >= 0) & (labels[None, :] != y[:, None])
+        best_other = torch.where(other, cos, -2.0).amax(dim=1)
+        held = (prev_labels[None, :] == y[:, None])
+        prior = torch.where(held, xn @ F.normalize(prev_protos, dim=1).T, -3.0).amax(dim=1)
+        want = ((prior >= best_other) & held.any(dim=1)).float().mean().item()
+        assert abs(stats["prior_accuracy"] - want) < 1e-6, step
+        if step == 0:
+            assert stats["prior_accuracy"] == 0.0 and stats["accuracy"] > 0.9

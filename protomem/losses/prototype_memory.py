@@ -97,7 +97,9 @@ class PrototypeMemoryLoss(nn.Module):
     def last_stats(self):
         """Statistics of the last step (one host sync): loss and its parts (mean log-sum-exp ``lse``
         and mean target logit ``target_logit``: loss = lse - target_logit), accuracy (top-1 without
-        margin over the counted rows), rows, skipped_rows, hit_rate (fraction of the batch's classes already in
+        margin over the counted rows), prior_accuracy (the same with the row's class prototype as
+        it was before this step, a class new to the memory counting as wrong: with
+        exemplars="all" the refreshed prototype contains the row, so accuracy is ~1.0), rows, skipped_rows, hit_rate (fraction of the batch's classes already in
         memory), refresh_age (mean steps since those were last written), committed (False for a
         skipped non-finite step), and the memory's fill and age (``PrototypeMemory.stats``)."""
         out = self._stats.as_dict()
@@ -145,9 +147,9 @@ class PrototypeMemoryLoss(nn.Module):
         if classes.shape[0] > mem.memory_size:
             classes, protos = self._fit_to_memory(classes, protos, inverse)
         ok = torch.isfinite(X.detach()).all() & torch.isfinite(protos.detach()).all()
-        prev = None
-        if cross or self.exemplars != "all":  # previous prototypes, read before the update
-            prev = mem.protos[mem.lookup(classes).clamp_min(0)].float()
+        # the classes' prototypes before the update (the positives of cross / leave-one-out, and
+        # the reference of the prior accuracy): one lookup and a gather of U rows
+        prev = mem.protos[mem.lookup(classes).clamp_min(0)].float()
         # slots: each class's slot after the update (the margin CE's target columns)
         slots, prev_slot, prev_stamp = mem.update(classes, protos.detach(), check=False, commit=ok,
                                                   with_previous=True)
@@ -176,14 +178,20 @@ class PrototypeMemoryLoss(nn.Module):
             local = local + self._negatives_surrogate(xr, fresh, classes, inv_r, lse, ignored)
         n_total = (~skipped & (Y >= 0)).sum()  # rows with a negative label take no part
         correct = ((best_t >= best_o) & ~ignored).sum()
-        parts = (correct, torch.where(ignored, 0, lse).detach().sum(), torch.where(ignored, 0, target).detach().sum())
-        loss, (n_correct, lse_sum, target_sum) = global_mean(local, n_total, parts)
+        # top-1 of the row's class prototype as it was *before* this step (a class new to the
+        # memory counts as wrong): with exemplars="all" the refreshed prototype holds the row
+        # itself, so the plain accuracy is ~1.0 and says little
+        prior_cos = cosine(xr.detach(), prev[inv_r])
+        prior = ((prior_cos >= best_o) & hit[inv_r] & ~ignored).sum()
+        parts = (correct, torch.where(ignored, 0, lse).detach().sum(),
+                 torch.where(ignored, 0, target).detach().sum(), prior)
+        loss, (n_correct, lse_sum, target_sum, n_prior) = global_mean(local, n_total, parts)
         with torch.no_grad():
             self.skipped_rows += torch.where(ok, skipped.sum(), 0)
         n_hit, n_classes = hit.sum(), (classes >= 0).sum()
         n = n_total.clamp_min(1)
         self._stats.set(loss=loss, lse=lse_sum / n, target_logit=target_sum / n,
-                        accuracy=n_correct / n, rows=n_total,
+                        accuracy=n_correct / n, prior_accuracy=n_prior / n, rows=n_total,
                         skipped_rows=skipped.sum(), hit_rate=n_hit / n_classes.clamp_min(1),
                         refresh_age=torch.where(hit, age, 0).sum() / n_hit.clamp_min(1), committed=ok)
         return loss

@@ -262,7 +262,10 @@ class Trainer:
         head = self.head.last_stats
         return {"step": self.step, "epoch": round(self.step / self.steps_per_epoch, 4),
                 "lr": self.optimizer.param_groups[0]["lr"], "loss": loss,
-                "accuracy": head.get("accuracy", float("nan")), "ms_per_step": 1000 * dt,
+                # PM: the accuracy of the prototypes as they were before the step (its plain
+                # accuracy is ~1.0 with exemplars="all": the row is in its refreshed prototype)
+                "accuracy": head.get("prior_accuracy", head.get("accuracy", float("nan"))),
+                "ms_per_step": 1000 * dt,
                 "samples_per_s": rows / dt, "head_mb": self.head_memory_bytes() / 2**20,
                 "skipped_steps": self.skipped}
 
