@@ -415,3 +415,31 @@ def test_library_does_not_import_the_trainer():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
+
+
+def test_identity_metrics_equal_a_brute_force_computation(dataset, trained):
+    """TAR@FAR and rank-1 of evaluate_identities against the protocol written out here: cosine of
+    every pair, the (floor(far * n) + 1)-th largest impostor score as threshold (accept strictly
+    above), and rank-1 with each identity's first sample as its gallery entry."""
+    classes = torch.arange(60)
+    n = 4
+    res = evaluate_identities(trained, dataset, {"g": classes}, n_per_class=n, heldout_classes=0,
+                              fars=(1e-2, 1e-3))
+    x, y = dataset.fresh_samples(classes, n, "cpu")
+    with torch.no_grad():
+        emb = torch.nn.functional.normalize(trained.eval()(x).float(), dim=1)
+    cos = emb @ emb.T
+    i, j = torch.triu_indices(len(y), len(y), offset=1)
+    scores, same = cos[i, j], y[i] == y[j]
+    imp = scores[~same].sort(descending=True).values
+    for far in (1e-2, 1e-3):
+        threshold = imp[int(far * len(imp))]
+        want = (scores[same] > threshold).double().mean().item()
+        assert abs(res[f"g/tar@far={far:.0e}".replace("e-0", "e-")] - want) < 1e-12, far
+    first = torch.zeros(len(y), dtype=torch.bool)
+    for c in classes:
+        first[(y == c).nonzero()[0]] = True
+    nearest = (emb[~first] @ emb[first].T).argmax(dim=1)
+    want_rank1 = (y[first][nearest] == y[~first]).double().mean().item()
+    assert abs(res["g/rank1"] - want_rank1) < 1e-12
+    assert 0.1 < want_rank1 < 1.0  # a value that moves, not a constant
