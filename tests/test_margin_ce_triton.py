@@ -237,3 +237,21 @@ def test_chosen_configs_are_recorded(triton_ops):
     margin_cross_entropy(c["x"], c["W"].requires_grad_(), c["row"], c["col"], scale=8.0).backward()
     kinds = {r["kernel"] for r in K.chosen_configs()}
     assert kinds == {"fwd", "bwd_w"}
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("D", [1, 129, 300])
+def test_norms_and_cast_in_one_read(normalize, D):
+    """A float32 W with bfloat16 operands is cast once per step, with its inverse norms: equal to
+    torch's round-to-nearest cast and norms; a W already in the operand dtype is not copied, and
+    a 16-bit W is never widened."""
+    W = torch.randn(77, D, device=DEV) * 3
+    copy, rw = K.norms_and_cast(W, normalize, torch.bfloat16)
+    assert copy.dtype == torch.bfloat16
+    assert ((copy.float() - W).abs() <= W.abs() * 2.0**-7).all()  # one bfloat16 ulp
+    if HAS_CUDA:  # round to nearest as torch (the interpreter's cast truncates)
+        assert torch.equal(copy, W.to(torch.bfloat16))
+    torch.testing.assert_close(rw, K.inverse_norms(W, normalize), rtol=1e-6, atol=0)
+    Wb = W.to(torch.bfloat16)
+    assert K.norms_and_cast(Wb, normalize, torch.bfloat16)[0] is Wb
+    assert K.norms_and_cast(Wb, normalize, torch.float32)[0] is Wb
