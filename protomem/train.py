@@ -37,6 +37,7 @@ def main(argv=None):
     except ConfigError as e:
         parser.error(str(e))
     summary = trainer.fit()
+    trainer.close()  # after a clean fit only: a barrier with a failed rank would wait for it
     if trainer.rank == 0:
         print(json.dumps(json_safe(summary), allow_nan=False))
     if trainer.interrupted:

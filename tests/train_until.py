@@ -6,4 +6,6 @@ from protomem.training import Trainer, resolve
 
 if __name__ == "__main__":
     until = int(sys.argv[1])
-    Trainer(resolve(sys.argv[2:])).fit(until=until or None)
+    trainer = Trainer(resolve(sys.argv[2:]))
+    trainer.fit(until=until or None)
+    trainer.close()

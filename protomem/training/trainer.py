@@ -24,10 +24,13 @@ _AMP = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _init_distributed(cfg):
-    """Joins the torchrun process group (NCCL on GPU, gloo on CPU) when WORLD_SIZE > 1."""
+    """Joins the torchrun process group (NCCL on GPU, gloo on CPU) when WORLD_SIZE > 1; True when
+    this call created it (the Trainer then destroys it in ``close``)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         use_cuda = cfg["device"] == "cuda" or (cfg["device"] == "auto" and torch.cuda.is_available())
         dist.init_process_group("nccl" if use_cuda else "gloo")
+        return True
+    return False
 
 
 def _device(cfg):
@@ -52,7 +55,7 @@ class Trainer:
 
     def __init__(self, cfg):
         self.cfg = cfg
-        _init_distributed(cfg)
+        self._owns_group = _init_distributed(cfg)
         self.rank, self.world = distributed.world()
         self.device = _device(cfg)
         torch.manual_seed(cfg["seed"])
@@ -178,6 +181,15 @@ class Trainer:
                  if isinstance(v, torch.Tensor)]
         # parameters and buffers, not state_dict(): that gathers a sharded head's whole weight
         return _tensor_bytes(params + list(self.head.buffers()) + [p.grad for p in params] + state)
+
+    def close(self):
+        """Leaves the process group this Trainer joined (after a barrier), so that no rank exits
+        with the group's threads still running (a gloo group torn down at interpreter exit can
+        abort the process). A no-op in one process; call it once ``fit`` has returned."""
+        if self._owns_group and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+            self._owns_group = False
 
     def fit(self, until=None):
         """Trains to the end (or to step ``until``, then saves without the final evaluation, to
