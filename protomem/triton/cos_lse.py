@@ -32,6 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..ops.cos_lse import PRECISIONS
+
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 AUTOTUNE_ENV = "PROTOMEM_TRITON_AUTOTUNE"
@@ -303,7 +305,6 @@ def resolve_splits(splits, B, M, device):
 # ---------------------------------------------------------------------------------------------
 # launchers
 
-PRECISIONS = ("default", "highest")
 
 
 def operand_dtype(x_dtype, w_dtype, precision):
