@@ -25,7 +25,7 @@ import torch
 
 from common import device_name, device_slug, make_row, write_rows
 
-HEADS = ("full", "pfc", "pm", "dcq")
+HEADS = ("full", "pfc", "pm", "dcq", "full+mining", "pm+mining")  # HEAD+mining: --mining doppelganger
 ACCURACY = [("head/tar@far=1e-3", "head_tar_at_far_1e-3"), ("tail/tar@far=1e-3", "tail_tar_at_far_1e-3"),
             ("tail/tar@far=1e-4", "tail_tar_at_far_1e-4"), ("unseen/tar@far=1e-3", "unseen_tar_at_far_1e-3"),
             ("head/rank1", "head_rank1"), ("tail/rank1", "tail_rank1"), ("unseen/rank1", "unseen_rank1")]
@@ -36,21 +36,24 @@ SIZES = {
 }
 
 
-def options(head, size, device, out):
+def options(head, size, device, out, lookalikes=0.0):
     """The training options of one head (the demo's, at this size)."""
-    return dict(head=head, data="synthetic", samples_per_class="megaface2", feature_dim=128,
+    from protomem.demo import variant_options
+
+    return dict(**variant_options(head), lookalikes=lookalikes, data="synthetic",
+                samples_per_class="megaface2", feature_dim=128,
                 backbone="mlp", hidden="512", margin="cosface", scale=64.0, m3=0.4,
                 memory_fraction=0.1, queue_fraction=0.1, sample_rate=0.1, ema_momentum=0.99,
                 samples_per_identity=2, lr=0.1, warmup_steps=50, schedule="poly", device=device,
                 track_staleness=True, progress=False, tensorboard=False, log_every=50, out=out, **size)
 
 
-def train(head, size, device):
+def train(head, size, device, lookalikes=0.0):
     """(trainer, summary) of one head's run, in a temporary output folder."""
     from protomem.training import Trainer, resolve
 
     with tempfile.TemporaryDirectory() as out:
-        trainer = Trainer(resolve([], **options(head, size, device, out)))
+        trainer = Trainer(resolve([], **options(head, size, device, out, lookalikes)))
         return trainer, trainer.fit()
 
 
@@ -113,6 +116,9 @@ def main(argv=None):
     p.add_argument("--plot-dir", default=os.path.join(os.path.dirname(__file__), "results"))
     p.add_argument("--quick", action="store_true")
     p.add_argument("--heads", default=",".join(HEADS))
+    p.add_argument("--lookalikes", type=float, default=0.0,
+                   help="fraction of identities in planted look-alike pairs; mining runs then add "
+                        "a planted_precision row (default 0: none)")
     p.add_argument("--staleness-classes", type=int, default=5000)
     p.add_argument("--plot-only", help="redraw the PNG from this results CSV and exit")
     a = p.parse_args(argv)
@@ -128,16 +134,21 @@ def main(argv=None):
     dev_name = device_name(a.device)
     params = {"C": size["num_classes"], "epochs": size["epochs"], "D": size["embedding_size"],
               "B": 2 * size["identities_per_batch"]}
+    if a.lookalikes:
+        params["lookalikes"] = a.lookalikes
     rows = []
     csv_path = os.path.join(a.out, "accuracy.csv")
     for head in a.heads.split(","):
-        trainer, summary = train(head, size, a.device)
+        trainer, summary = train(head, size, a.device, a.lookalikes)
         ev = summary["eval"]
         for key, metric in ACCURACY:
             value = ev.get(key, math.nan)
             rows.append(make_row("accuracy", head, params, metric, "%", 100 * value, dev_name))
         rows.append(make_row("accuracy", head, params, "ms_per_step", "ms", summary["ms_per_step"], dev_name))
         rows.append(make_row("accuracy", head, params, "head_memory", "MB", summary["head_mb"], dev_name))
+        if "mining" in summary:
+            rows.append(make_row("accuracy", head, params, "planted_precision", "%",
+                                 100 * summary["mining"]["precision"], dev_name))
         more, bins = staleness_rows(trainer, head, params, dev_name, a.staleness_classes)
         rows += more
         write_rows(csv_path, rows)  # as it goes: a run cut short keeps its rows

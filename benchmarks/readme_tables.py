@@ -14,6 +14,7 @@ import re
 from common import is_oom, parse_params, read_rows
 
 HEAD_NAMES = {"pm": "Prototype Memory", "dcq": "DCQ", "pfc": "Partial FC", "full": "full softmax"}
+HEAD_NAMES.update({f"{h}+mining": f"{n} + mining" for h, n in list(HEAD_NAMES.items())})
 _OWN_PARAMS = {"pm": "M", "dcq": "K", "pfc": "r"}
 MARKER = re.compile(r"(<!-- bench:([\w.-]+):([\w.-]+) -->\n)(.*?)(<!-- /bench:\2:\3 -->)", re.S)
 

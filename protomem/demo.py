@@ -1,10 +1,14 @@
 """The main job (``make demo``): the same MLP encoder trained on one synthetic long-tailed
-identity set with each head — full softmax, Partial FC, Prototype Memory, DCQ — then a table of
+identity set with each head — full softmax, Partial FC, Prototype Memory, DCQ, and the full
+softmax and Prototype Memory again with doppelganger mining (``HEAD+mining``) — then a table of
 TAR@FAR and rank-1 on head, tail and unseen identities, ms per step and head memory, and a PNG of
-the curves (matplotlib: ``pip install 'protomem[train]'``; without it the plot is skipped). About 3
-minutes on a 2-core CPU (3.2 min measured: benchmarks/results/demo-cpu-amd-epyc-2-threads.md).
+the curves (matplotlib: ``pip install 'protomem[train]'``; without it the plot is skipped). With
+``--lookalikes F`` the identities include planted look-alike pairs and the table says how many of
+them each mining run's lists recovered. Minutes on a 2-core CPU (measured:
+benchmarks/results/demo-cpu-amd-epyc-2-threads.md).
 
-    python -m protomem.demo [--out demo_out] [--epochs 2] [--num-classes 20000] [--heads full,pfc,pm,dcq]
+    python -m protomem.demo [--out demo_out] [--epochs 3] [--num-classes 20000] [--lookalikes 0.5]
+        [--heads full,pfc,pm,dcq,full+mining,pm+mining]
 """
 import argparse
 import csv
@@ -18,6 +22,20 @@ import torch
 
 HEAD_NAMES = {"full": "full softmax", "pfc": "Partial FC (r=0.1)", "pm": "Prototype Memory (10%)",
               "dcq": "DCQ (queue 10%)"}
+HEAD_NAMES.update({f"{h}+mining": f"{n} + mining" for h, n in list(HEAD_NAMES.items())})
+DEFAULT_HEADS = "full,pfc,pm,dcq,full+mining,pm+mining"
+
+
+def variant_options(name):
+    """The options a head name sets: "pm" -> head pm; "pm+mining" -> head pm with
+    ``--mining doppelganger`` (the trainer's defaults: fraction 0.5, k 4).
+
+    Raises:
+        ValueError: an unknown name."""
+    if name not in HEAD_NAMES:
+        raise ValueError(f"unknown head {name!r}: choose from {', '.join(HEAD_NAMES)}")
+    head, _, extra = name.partition("+")
+    return dict(head=head, mining="doppelganger" if extra == "mining" else "none")
 COLUMNS = [("head/tar@far=1e-3", "head TAR@1e-3"), ("tail/tar@far=1e-3", "tail TAR@1e-3"),
            ("tail/tar@far=1e-4", "tail TAR@1e-4"), ("unseen/tar@far=1e-3", "unseen TAR@1e-3"),
            ("head/rank1", "head rank-1"), ("tail/rank1", "tail rank-1"), ("unseen/rank1", "unseen rank-1")]
@@ -27,13 +45,15 @@ def demo_options(head, args):
     """The options of one run: everything but the head is shared. DCQ's momentum encoder uses
     0.99 (not the paper's 0.999, meant for 1e5+ steps): over a run of ~1000 steps a 0.999 EMA
     would still be mostly its random initialisation."""
-    return dict(head=head, data="synthetic", num_classes=args.num_classes, samples_per_class="megaface2",
+    return dict(**variant_options(head), data="synthetic", num_classes=args.num_classes,
+                samples_per_class="megaface2", lookalikes=args.lookalikes,
+                lookalike_spread=args.lookalike_spread,
                 feature_dim=128, backbone="mlp", hidden="512", embedding_size=128,
                 margin="cosface", scale=64.0, m3=0.4, memory_fraction=0.1, queue_fraction=0.1,
                 sample_rate=0.1, ema_momentum=0.99, identities_per_batch=128, samples_per_identity=2, lr=0.1,
                 momentum=0.9, weight_decay=5e-4, epochs=args.epochs, warmup_steps=50, schedule="poly",
                 seed=args.seed, device=args.device, eval_every=args.eval_every,
-                eval_classes=args.eval_classes, log_every=10, out=os.path.join(args.out, head),
+                eval_classes=args.eval_classes, log_every=10, out=os.path.join(args.out, head.replace("+", "-")),
                 progress=not args.quiet, tensorboard=False)
 
 
@@ -56,13 +76,20 @@ def run(head, args):
 
 
 def table(results):
-    """The results as a markdown table (one row per head)."""
+    """The results as a markdown table (one row per head); with planted look-alikes a column of
+    the mining runs' recovery: the share of planted identities whose best listed look-alike is
+    their planted partner (precision), of those with a list."""
+    planted = any("mining" in s for s, _, _ in results.values())
     head = ["head"] + [c[1] for c in COLUMNS] + ["ms/step", "head memory (MB)"]
+    head += ["planted partner found (precision)"] if planted else []
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" + "---:|" * (len(head) - 1)]
     for name, (summary, _, _) in results.items():
         ev = summary["eval"]
         cells = [HEAD_NAMES[name]] + [f"{ev.get(key, float('nan')):.3f}" for key, _ in COLUMNS]
         cells += [f"{summary['ms_per_step']:.1f}", f"{summary['head_mb']:.2f}"]
+        if planted:
+            m = summary.get("mining")
+            cells += [f"{m['precision']:.3f}" if m else "-"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -93,11 +120,15 @@ def plot(results, path):
 def parse(argv=None):
     p = argparse.ArgumentParser(prog="protomem-demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="demo_out")
-    p.add_argument("--heads", default="full,pfc,pm,dcq")
+    p.add_argument("--heads", default=DEFAULT_HEADS,
+                   help="comma separated, of " + ", ".join(HEAD_NAMES) + f" (default {DEFAULT_HEADS})")
     p.add_argument("--num-classes", type=int, default=20000)
     p.add_argument("--epochs", type=float, default=3.0)
     p.add_argument("--eval-every", type=int, default=200)
     p.add_argument("--eval-classes", type=int, default=1000)
+    p.add_argument("--lookalikes", type=float, default=0.0,
+                   help="fraction of identities in planted look-alike pairs (default 0: none)")
+    p.add_argument("--lookalike-spread", type=float, default=0.3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -107,6 +138,8 @@ def parse(argv=None):
 def main(argv=None):
     """Runs the demo; prints the table and writes OUT/results.{md,json} and OUT/curves.png."""
     args = parse(argv)
+    for head in args.heads.split(","):
+        variant_options(head)  # an unknown name fails now, not after minutes of training
     can_plot = importlib.util.find_spec("matplotlib") is not None  # known before minutes of work
     if not can_plot:
         print("protomem-demo: matplotlib is not installed, so curves.png will not be drawn "
@@ -119,7 +152,9 @@ def main(argv=None):
         results[head] = run(head, args)
     md = table(results)
     total = time.perf_counter() - t0
-    print(f"\n{md}\n\n{args.num_classes} synthetic identities (MegaFace2-like long tail), "
+    planted = (f", {args.lookalikes:g} of them in planted look-alike pairs (spread "
+               f"{args.lookalike_spread:g})") if args.lookalikes else ""
+    print(f"\n{md}\n\n{args.num_classes} synthetic identities (MegaFace2-like long tail){planted}, "
           f"{args.epochs:g} epochs, device {_device_name(args.device)}; total {total / 60:.1f} min")
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(md + "\n")

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from .. import distributed
 from ..data import DoppelgangerBatchSampler, IdentityBatchSampler, SyntheticIdentities
 from ..losses import MomentumEncoder
-from ..mining import DoppelgangerLists, pack_pairs
+from ..mining import DoppelgangerLists, pack_pairs, planted_recovery
 from . import builders, resume
 from .interrupt import StopRequest, ignore_sigint_in_worker
 from .log import CSVLog, Progress, TensorBoard
@@ -310,12 +310,18 @@ class Trainer:
         return results
 
     def summary(self):
-        """dict: steps, skipped steps, median ms per step, head memory (MB), last evaluation."""
+        """dict: steps, skipped steps, median ms per step, head memory (MB), last evaluation, and
+        with mining on planted look-alikes (``--lookalikes``) ``mining``: the lists' recovery of
+        the planted partners (``protomem.mining.planted_recovery``)."""
         times = sorted(self.step_times)
-        return {"steps": self.step, "skipped_steps": self.skipped, "interrupted": self.interrupted,
-                "ms_per_step": 1000 * times[len(times) // 2] if times else None,
-                "head_mb": self.head_memory_bytes() / 2**20,
-                "eval": self.eval_history[-1] if self.eval_history else {}}
+        out = {"steps": self.step, "skipped_steps": self.skipped, "interrupted": self.interrupted,
+               "ms_per_step": 1000 * times[len(times) // 2] if times else None,
+               "head_mb": self.head_memory_bytes() / 2**20,
+               "eval": self.eval_history[-1] if self.eval_history else {}}
+        if self.lookalikes is not None and getattr(self.dataset, "lookalikes", 0):
+            truth = self.dataset.planted_partners(torch.arange(self.dataset.num_classes))
+            out["mining"] = planted_recovery(self.lookalikes, truth)
+        return out
 
     # ----------------------------------------------------------------------------- checkpoints
     def state_dict(self):
