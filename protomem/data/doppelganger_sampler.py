@@ -40,6 +40,7 @@ class DoppelgangerBatchSampler(IdentityBatchSampler):
         self.lists, self.fraction = lists, float(fraction)
         self._identity_of = np.empty(self.num_samples, np.int64)  # sample index -> identity index
         self._identity_of[self._grouped] = self._group_of
+        self._mark = np.zeros(len(self._identities), bool)  # scratch of batch(), all False between calls
 
     def state_dict(self, batches_done=None):
         """The base position plus ``fraction`` and the lists (``doppelgangers``)."""
@@ -70,13 +71,20 @@ class DoppelgangerBatchSampler(IdentityBatchSampler):
         # every anchor once (random order) before any twice
         source = anchors[np.resize(rng.permutation(len(anchors)), n)]
         cand = self._lookalike(source, rng.random(n))
-        _, first = np.unique(cand, return_index=True)
-        is_first = np.zeros(n, bool)
-        is_first[first] = True
-        take = (cand >= 0) & is_first & ~np.isin(cand, anchors)
+        # a slot takes its candidate when it is listed, not an anchor and not an earlier slot's
+        # (a scratch mark per identity instead of np.isin / np.unique: this runs every step)
+        mark = self._mark
+        mark[anchors] = True
+        take = np.zeros(n, bool)
+        for i, c in enumerate(cand.tolist()):
+            if c >= 0 and not mark[c]:
+                mark[c] = take[i] = True
         mined = cand[take]
+        mark[anchors] = False
+        tail_mined = mark[tail]  # random tail identities that a look-alike now brings
+        mark[mined] = False
         offsets = rng.integers(0, np.iinfo(np.int64).max, n)[take] % self._counts[mined]
-        kept_tail = rows[n_id - n:][~np.isin(tail, mined)][:n - len(mined)]
+        kept_tail = rows[n_id - n:][~tail_mined][:n - len(mined)]
         out = np.concatenate([rows[:n_id - n], self._samples(mined, offsets), kept_tail])
         return out.transpose(1, 0, 2).reshape(-1)
 
