@@ -32,11 +32,13 @@ def commands(group, device, quick):
         if quick:
             return [["bench_memory_update.py", "--sizes", "1e3", "--classes", "64", "--dim", "64",
                      "--min-run-time", "0.05"],
-                    ["bench_margin_ce.py", "--B", "32", "--M", "2e3", "--D", "32", "--min-run-time", "0.05"]]
+                    ["bench_margin_ce.py", "--B", "32", "--M", "2e3", "--D", "32", "--min-run-time", "0.05"],
+                    ["bench_mining.py", "--quick"]]
         if device == "cuda":  # the sizes of the issues' GPU targets (H100, bf16, B = 512, D = 512)
             ce = ["bench_margin_ce.py", "--dtype", "bfloat16", "--B", "512", "--D", "512"]
-            return [["bench_memory_update.py"], ce + ["--M", "1e6"], ce + ["--M", "1e5", "--grad-w"]]
-        return [["bench_memory_update.py"], ["bench_margin_ce.py"]]
+            return [["bench_memory_update.py"], ce + ["--M", "1e6"], ce + ["--M", "1e5", "--grad-w"],
+                    ["bench_mining.py"]]
+        return [["bench_memory_update.py"], ["bench_margin_ce.py"], ["bench_mining.py"]]
     if group == "scale":
         return [["bench_scale.py"] + (["--quick"] if quick else [])]
     if os.path.exists(os.path.join(HERE, "bench_accuracy.py")):

@@ -38,8 +38,9 @@ def local_rows(rank, world):
     return slice(0, SPLIT) if rank == 0 else slice(SPLIT, B)
 
 
-def run_steps(head, opt, name, steps, rows):
-    """Trains on rows ``rows`` of the global batches ``steps``; returns [(loss, grad of x)]."""
+def run_steps(head, opt, name, steps, rows, record=None):
+    """Trains on rows ``rows`` of the global batches ``steps``; returns [(loss, grad of x)], or
+    [record(head, loss, x)] per step when ``record`` is given."""
     out = []
     for t in steps:
         x, k, y = global_batch(t)
@@ -49,7 +50,7 @@ def run_steps(head, opt, name, steps, rows):
         if opt is not None:
             opt.step()
             opt.zero_grad()
-        out.append((loss.item(), x.grad.clone()))
+        out.append((loss.item(), x.grad.clone()) if record is None else record(head, loss, x))
     return out
 
 

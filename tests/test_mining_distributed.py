@@ -16,7 +16,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from heads_setup import B, C, D, SPLIT, global_batch, local_rows, make  # noqa: E402
+from heads_setup import B, C, D, SPLIT, global_batch, local_rows, make, run_steps  # noqa: E402
 
 pytestmark = pytest.mark.distributed
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -30,17 +30,8 @@ def mine_steps(name, rows):
     """Trains a fresh head of heads_setup on rows ``rows`` of global batches 0 .. STEPS-1 and
     returns each step's ``mining_pairs()`` (a collective under torch.distributed)."""
     head, opt = make(name)
-    out = []
-    for t in range(STEPS):
-        x, k, y = global_batch(t)
-        x = x[rows].clone().requires_grad_()
-        loss = head(x, k[rows], y[rows]) if name == "dcq" else head(x, y[rows])
-        loss.backward()
-        if opt is not None:
-            opt.step()
-            opt.zero_grad()
-        out.append(tuple(p.clone() for p in head.mining_pairs()))
-    return out
+    return run_steps(head, opt, name, range(STEPS), rows,
+                     record=lambda head, loss, x: tuple(p.clone() for p in head.mining_pairs()))
 
 
 def tie_batch():

@@ -46,6 +46,10 @@ class SyntheticIdentities(torch.utils.data.Dataset):
         lookalikes: the fraction (about; drawn per family) of identities in planted look-alike
             families, 0 (default) for none: twins or siblings for hard-example mining to find.
         family_size: identities per family: global ids ``f * family_size .. + family_size - 1``.
+            Families follow global ids, so when ``first_class + num_classes`` is not a multiple
+            of family_size the last family straddles the end of the set: with ``heldout`` (ids
+            from num_classes on) a training identity's planted twin can be an unseen identity.
+            ``planted_partners`` names only members inside the set (the others read -1).
         lookalike_spread: s in (0, 1]: a member's centre is ``sqrt(1 - s^2) * family centre +
             s * own centre`` (std 1 per dimension as every centre), so members lie s times as
             far apart as two unrelated identities.
