@@ -85,4 +85,9 @@ TORCH_LIBRARY(protomem, m) {
   // so that the last row advances the ring in the same kernel (unused on CPU).
   m.def("queue_enqueue_(Tensor(a!) queue, Tensor(b!) queue_labels, Tensor(c!) counters,"
         " Tensor keys, Tensor labels, Tensor(d!)? done=None) -> ()");
+  // The doppelganger lists' update (host memory, CPU only): others [C, k] int32 (-1 empty) and
+  // scores [C, k] float16, best first, from pairs (rows [n] int64, other_classes [n] int64, cos
+  // [n] float32); the rule of protomem/reference.py::lookalike_update_ref.
+  m.def("lookalike_update_(Tensor(a!) others, Tensor(b!) scores, Tensor rows, Tensor other_classes,"
+        " Tensor cos, float decay, bool symmetric) -> ()");
 }

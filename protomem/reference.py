@@ -1,6 +1,7 @@
 """Plain-PyTorch ground truth for every protomem op. Tests and benchmarks compare the kernels to
 these. They favour clarity over speed and may synchronise with the host; the memory reference
 finds classes by searching ``slot_labels`` and never uses the hash index."""
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -102,6 +103,41 @@ def queue_enqueue_ref(queue, queue_labels, counters, keys, labels):
     counters[Q_HEAD] = (head + N) % K
     counters[Q_TOTAL] += N
     counters[Q_REJECTED] += int((~ok).sum())
+
+
+def lookalike_update_ref(others, scores, rows, other_classes, cos, decay, symmetric):
+    """Reference of ``lookalike_update_`` (the rule of ``protomem.mining.DoppelgangerLists``),
+    written pair by pair: others [C, k] int32 and scores [C, k] float16 updated in place from
+    rows / other_classes [n] int64 and cos [n] float32.
+
+    1. A pair (a, b, cos) counts when 0 <= a, b < C, a != b and cos is finite; with
+       ``symmetric`` every counted pair is followed (after all of them) by (b, a, cos).
+    2. Its evidence is ``min(max((1 + cos) / 2, 0), 1)`` in float32.
+    3. For each class a with pairs: its listed look-alikes keep ``float32(score) * decay``; each
+       look-alike b of its pairs gets the float32 sum of their evidence, added in the order of the
+       pairs from 0, plus its kept score if already listed; the k best by score, then the smaller
+       id, stay (score rounded to float16), the rest of the row is -1 / 0.
+    """
+    f32 = np.float32
+    C, K = others.shape
+    pairs = [(a, b, f32(c)) for a, b, c in zip(rows.tolist(), other_classes.tolist(), cos.tolist())
+             if 0 <= a < C and 0 <= b < C and a != b and np.isfinite(c)]
+    if symmetric:
+        pairs += [(b, a, c) for a, b, c in pairs]
+    new = {}
+    for a, b, c in pairs:
+        ev = f32(min(max((f32(1) + c) / f32(2), f32(0)), f32(1)))
+        row = new.setdefault(a, {})
+        row[b] = f32(row.get(b, f32(0)) + ev)
+    for a, found in new.items():
+        cand = {int(b): f32(f32(s) * f32(decay))
+                for b, s in zip(others[a].tolist(), scores[a].float().tolist()) if b >= 0}
+        for b, e in found.items():
+            cand[b] = f32(e + cand[b]) if b in cand else e
+        best = sorted(cand.items(), key=lambda t: (-t[1], t[0]))[:K]
+        others[a] = torch.tensor([b for b, _ in best] + [-1] * (K - len(best)), dtype=torch.int32)
+        scores[a] = torch.tensor([float(s) for _, s in best] + [0.0] * (K - len(best)),
+                                 dtype=torch.float32).to(torch.float16)
 
 
 def margin_ce_stats_ref(x, W, row_labels, col_labels, pos_cos=None, *, scale, m1=1.0, m2=0.0,
