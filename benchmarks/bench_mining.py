@@ -55,9 +55,7 @@ def timed_steps(tr, batches, steps):
 
 def overhead(tr, repeats=50):
     """(ms of one lists update from the last step's pairs, ms of one mined batch)."""
-    from protomem.mining import pack_pairs
-
-    packed = pack_pairs(*tr.head.mining_pairs())
+    packed = tr.head.mining_pairs(packed=True)
     t0 = time.perf_counter()
     for _ in range(repeats):
         tr.lookalikes.update_packed(packed)

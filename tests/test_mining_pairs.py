@@ -118,3 +118,21 @@ def test_pack_pairs_round_trip_is_exact():
     r, o, c = unpack_pairs(pack_pairs(rows, others, cos))
     assert torch.equal(r, rows) and torch.equal(o, others)
     assert torch.equal(c[~torch.isnan(c)], cos[~torch.isnan(cos)]) and bool(torch.isnan(c[4]))
+
+
+@pytest.mark.parametrize("name", ["pm", "dcq", "pfc", "full"])
+def test_packed_pairs_are_the_pairs_packed(name):
+    """mining_pairs(packed=True) (the trainer's one transfer) unpacks to mining_pairs(), bit for bit."""
+    head = {"pm": lambda: PrototypeMemoryLoss(D, 64), "dcq": lambda: DCQLoss(D, 64),
+            "pfc": lambda: PartialFCLoss(D, C, sample_rate=0.5, seed=1),
+            "full": lambda: FullSoftmaxLoss(D, C, seed=1)}[name]()
+    assert head.mining_pairs(packed=True) is None
+    for step in range(3):
+        x, y = data(step)
+        head(x, F.normalize(x + 0.1, dim=1), y) if name == "dcq" else head(x, y)
+        packed = head.mining_pairs(packed=True)
+        assert packed.dtype == torch.int64 and packed.shape == (len(y), 3)
+        for got, want in zip(unpack_pairs(packed), head.mining_pairs()):
+            assert torch.equal(got.view(torch.int32) if got.dtype == torch.float32 else got,
+                               want.view(torch.int32) if want.dtype == torch.float32 else want)
+    assert bool((unpack_pairs(packed)[1] >= 0).any())

@@ -26,7 +26,7 @@ def mine(head, ds, epochs, fraction):
 
 
 def test_prototype_memory_mining_finds_more_twins_than_random_batches():
-    """Measured (3 epochs, memory 120 of 600 classes): precision 0.29 with mining, 0.22 without;
+    """Measured (3 epochs, memory 120 of 600 classes): precision 0.33 with mining, 0.22 without;
     the issue's target (>= 0.9) is not reached by the prototype memory on this set."""
     ds = SyntheticIdentities(C, feature_dim=32, samples_per_class=8, lookalikes=0.5, seed=0)
     mined = mine(PrototypeMemoryLoss(32, 120), ds, epochs=3, fraction=0.5)
@@ -42,5 +42,5 @@ def test_full_softmax_lists_recover_the_planted_twins():
         x, y = ds.get_batch(torch.arange(len(ds)))
         head.weight.copy_(torch.zeros(C, 32).index_add_(0, y, torch.nn.functional.normalize(x, dim=1)))
     got = mine(head, ds, epochs=1, fraction=0.5)
-    # measured: precision 0.63, recall 0.79 after one epoch (the target 0.9 is not reached)
+    # measured: precision 0.62, recall 0.76 after one epoch (the target 0.9 is not reached)
     assert got["precision"] >= 0.55 and got["recall"] >= 0.7

@@ -40,7 +40,16 @@ class DoppelgangerBatchSampler(IdentityBatchSampler):
         self.lists, self.fraction = lists, float(fraction)
         self._identity_of = np.empty(self.num_samples, np.int64)  # sample index -> identity index
         self._identity_of[self._grouped] = self._group_of
-        self._mark = np.zeros(len(self._identities), bool)  # scratch of batch(), all False between calls
+        n_ident = len(self._identities)
+        # label -> identity index (-1: none); the extra last entry answers label -1
+        self._position = np.full(lists.num_classes + 1, -1, np.int32)
+        self._position[ids] = np.arange(n_ident)
+        # scratch of batch(): marks per identity (all False between calls, but the last entry, the
+        # index of "no look-alike", always True) and a slot per identity
+        self._mark = np.zeros(n_ident + 1, bool)
+        self._mark[-1] = True
+        self._slot = np.zeros(n_ident + 1, np.int64)
+        self._draws_epoch, self._draws = None, None
 
     def state_dict(self, batches_done=None):
         """The base position plus ``fraction`` and the lists (``doppelgangers``)."""
@@ -66,36 +75,44 @@ class DoppelgangerBatchSampler(IdentityBatchSampler):
         n = min(n, n_id - 1)
         if n == 0:
             return base
-        rng = np.random.default_rng([self.seed, int(epoch), int(b), _STREAM])
+        order, u, offsets = (d[b] for d in self._epoch_draws(epoch))
         anchors, tail = ident[:n_id - n], ident[n_id - n:]
         # every anchor once (random order) before any twice
-        source = anchors[np.resize(rng.permutation(len(anchors)), n)]
-        cand = self._lookalike(source, rng.random(n))
+        source = anchors[np.resize(np.argsort(order[:len(anchors)]), n)]
+        cand = self._lookalike(source, u[:n])
         # a slot takes its candidate when it is listed, not an anchor and not an earlier slot's
-        # (a scratch mark per identity instead of np.isin / np.unique: this runs every step)
-        mark = self._mark
+        # (scratch marks per identity instead of np.isin / np.unique: this runs every step)
+        mark, slot, at = self._mark, self._slot, np.arange(n)
         mark[anchors] = True
-        take = np.zeros(n, bool)
-        for i, c in enumerate(cand.tolist()):
-            if c >= 0 and not mark[c]:
-                mark[c] = take[i] = True
+        slot[cand[::-1]] = at[::-1]  # the first slot naming an identity writes last
+        take = ~mark[cand] & (slot[cand] == at)
         mined = cand[take]
         mark[anchors] = False
+        mark[mined] = True
         tail_mined = mark[tail]  # random tail identities that a look-alike now brings
         mark[mined] = False
-        offsets = rng.integers(0, np.iinfo(np.int64).max, n)[take] % self._counts[mined]
+        offsets = offsets[:n][take] % self._counts[mined]
         kept_tail = rows[n_id - n:][~tail_mined][:n - len(mined)]
         out = np.concatenate([rows[:n_id - n], self._samples(mined, offsets), kept_tail])
         return out.transpose(1, 0, 2).reshape(-1)
 
+    def _epoch_draws(self, epoch):
+        """The random numbers of every batch of an epoch, drawn at once from (seed, epoch):
+        anchor order keys, look-alike picks in [0, 1) and sample offsets, each [batches, G]."""
+        if self._draws_epoch != (self.seed, epoch):
+            rng = np.random.default_rng([self.seed, int(epoch), _STREAM])
+            shape = (len(self), self.group)
+            self._draws = (rng.random(shape), rng.random(shape),
+                           rng.integers(0, np.iinfo(np.int64).max, shape))
+            self._draws_epoch = (self.seed, epoch)
+        return self._draws
+
     def _lookalike(self, source, u):
         """A random listed look-alike (identity index) of each ``source`` identity, -1 if none."""
-        listed = self.lists.lookalikes(self._identities[source])  # labels, best first, -1 last
+        listed = self.lists.others[self._identities[source]]  # labels, best first, -1 last
         count = (listed >= 0).sum(axis=1)
-        j = np.minimum((u * count).astype(np.int64), np.maximum(count - 1, 0))
-        label = listed[np.arange(len(source)), j]
-        pos = np.searchsorted(self._identities, label).clip(0, len(self._identities) - 1)
-        return np.where((count > 0) & (self._identities[pos] == label), pos, -1)
+        label = listed[np.arange(len(source)), (u * count).astype(np.int64)]  # u < 1: j < count
+        return self._position[label]
 
     def _samples(self, ident, offsets):
         """[n, halves, k] sample indices of identities ``ident`` from ``offsets`` on, cycling; keys

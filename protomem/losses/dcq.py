@@ -6,7 +6,7 @@ from .. import distributed
 from ..functional import margin_ce_stats
 from ..margins import CosFace
 from ..memory import ClassQueue
-from ..mining.pairs import closest_other_class, gather_pairs, pack_pairs, unpack_pairs
+from ..mining.pairs import closest_other_class, global_pairs, pack_pairs
 from ._common import StepStats, check_embeddings, check_labels, check_margin, cosine, global_mean
 from ._common import check_precision, row_loss
 from .prototype_memory import check_batch_labels
@@ -47,12 +47,14 @@ class DCQLoss(nn.Module):
         self._stats = StepStats()
         self._mining = None
 
-    def mining_pairs(self):
+    def mining_pairs(self, packed=False):
         """The last step's (row class [N] int64, closest other class [N] int64 (-1: none), its
         cosine [N] float32) over the global batch: the label of each query's best queue entry of
         another class (``protomem.mining``). No host sync without a process group; under
-        torch.distributed a collective (call it on every rank). None before the first step."""
-        return None if self._mining is None else unpack_pairs(gather_pairs(self._mining))
+        torch.distributed a collective (call it on every rank). None before the first step.
+        With ``packed``: the pairs as ``protomem.mining.pack_pairs`` packs them, one int64 [N, 3]
+        tensor (one transfer)."""
+        return global_pairs(self._mining, packed)
 
     @property
     def last_stats(self):

@@ -6,7 +6,7 @@ from torch import nn
 from .. import distributed
 from ..functional import margin_ce_stats
 from ..margins import ArcFace
-from ..mining.pairs import closest_other_class, combine_best_other
+from ..mining.pairs import closest_other_class, combine_best_other, pack_pairs
 from ._common import StepStats, check_embeddings, check_labels, check_margin, check_precision
 
 _M32 = 0xFFFFFFFF
@@ -92,18 +92,20 @@ class PartialFCLoss(nn.Module):
         self._stats = StepStats()
         self._mining = None
 
-    def mining_pairs(self):
+    def mining_pairs(self, packed=False):
         """The last step's (row class [N] int64, closest other class [N] int64 (-1: none), its
         cosine [N] float32) over the global batch: the class of each row's best non-target weight
         row among the step's (sampled) classes (``protomem.mining``), combined over the ranks'
         shards like the max itself (ties: the smaller class id). No host sync without a process
-        group; under torch.distributed a collective (call it on every rank). None before a step."""
+        group; under torch.distributed a collective (call it on every rank). None before a step.
+        With ``packed``: the pairs as ``protomem.mining.pack_pairs`` packs them, one int64 [N, 3]
+        tensor (one transfer)."""
         if self._mining is None:
             return None
         Y, best, cls = self._mining
         both = distributed.all_gather_stack(torch.stack([best.double(), cls.double()]))
         best, cls = combine_best_other(both[:, 0].to(best.dtype), both[:, 1].long())
-        return Y, cls, best.float()
+        return pack_pairs(Y, cls, best) if packed else (Y, cls, best.float())
 
     @property
     def last_stats(self):

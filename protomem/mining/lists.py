@@ -71,7 +71,10 @@ class DoppelgangerLists:
     def update_packed(self, packed):
         """Update from ``protomem.mining.pack_pairs`` output (a device tensor: one transfer)."""
         packed = packed.detach().cpu()
-        self.update(packed[:, 0], packed[:, 1], packed[:, 2].to(torch.int32).view(torch.float32))
+        self.updates += 1
+        lookalike_update_(torch.from_numpy(self.others), torch.from_numpy(self.scores), packed[:, 0],
+                          packed[:, 1], packed[:, 2].to(torch.int32).view(torch.float32), self.decay,
+                          self.symmetric)
 
     def update(self, rows, others, cos):
         """Adds pairs (row class, closest other class, cosine): arrays or tensors [n].

@@ -50,6 +50,16 @@ def unpack_pairs(packed):
     return packed[:, 0], packed[:, 1], cos
 
 
+def global_pairs(local, packed=False):
+    """A head's ``mining_pairs``: the packed pairs of this rank's rows (``local``, int64 [n, 3],
+    or None before a step) gathered over the ranks, as (rows, others, cos) or, with ``packed``,
+    as one int64 [N, 3] tensor; None when ``local`` is None."""
+    if local is None:
+        return None
+    pairs = gather_pairs(local)
+    return pairs if packed else unpack_pairs(pairs)
+
+
 def gather_pairs(packed):
     """The packed pairs [n_r, 3] of every rank, concatenated in rank order (a collective and one
     tiny host sync for the batch sizes under torch.distributed; the input itself without)."""

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from .. import distributed
 from ..data import DoppelgangerBatchSampler, IdentityBatchSampler, SyntheticIdentities
 from ..losses import MomentumEncoder
-from ..mining import DoppelgangerLists, pack_pairs, planted_recovery
+from ..mining import DoppelgangerLists, planted_recovery
 from . import builders, resume
 from .interrupt import StopRequest, ignore_sigint_in_worker
 from .log import CSVLog, Progress, TensorBoard
@@ -140,7 +140,7 @@ class Trainer:
         if self.last_seen is not None:
             self.last_seen[y] = self.step
         if self.lookalikes is not None:  # one transfer of the global batch's pairs
-            self.lookalikes.update_packed(pack_pairs(*self.head.mining_pairs()))
+            self.lookalikes.update_packed(self.head.mining_pairs(packed=True))
         return loss
 
     def train_step(self, batches):
