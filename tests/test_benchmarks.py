@@ -225,3 +225,22 @@ def test_idiomatic_cosface_is_the_reference_loss():
     x, W, y, col = bench_margin_ce.inputs(7, 50, 12, torch.float64, "cpu", True)
     want = margin_cross_entropy_ref(x, W, y, col, scale=bench_margin_ce.SCALE, m3=bench_margin_ce.MARGIN)[0]
     torch.testing.assert_close(bench_margin_ce.idiomatic_cosface(x, W, y).double(), want)
+
+
+def test_quick_mining_runs_on_cpu(tmp_path):
+    """bench_mining (step time with and without mining) and mining_recovery (the lists against
+    the planted twins) at tiny sizes: the rows and the table they write."""
+    import bench_mining
+    import mining_recovery
+
+    assert bench_mining.main(["--quick", "--heads", "pm", "--out", str(tmp_path)]) == 0
+    rows = common.read_rows(tmp_path / "mining.csv")
+    got = {(r["metric"], common.parse_params(r["params"]).get("mining")): r["median"] for r in rows}
+    assert got["ms_per_step", "none"] > 0 and got["ms_per_step", "doppelganger"] > 0
+    assert got["ratio", None] > 0 and got["lists_update", None] > 0 and got["mined_batch", None] > 0
+    out = tmp_path / "recovery.md"
+    assert mining_recovery.main(["--runs", "pm:0.1:0.3", "--num-classes", "2000", "--out", str(out)]) == 0
+    table = out.read_text().splitlines()
+    assert table[0].startswith("| head | epochs | spread | precision") and table[2].startswith("| pm | 0.1 | 0.3 |")
+    values = [float(v) for v in table[2].strip("| ").split(" | ")[3:7]]
+    assert all(0.0 <= v <= 1.0 for v in values) and values[2] > 0  # the encoder finds some twins
