@@ -159,9 +159,9 @@ def test_kernel_offsets_are_int64():
     pointer overflows past 2**31 elements (a test that allocates that much cannot run here)."""
     import inspect as pyinspect
 
-    for fn in (K._fwd_kernel, K._bwd_w_kernel):
+    for fn in (K._fwd_kernel, K._column_tile, K._bwd_w_kernel):
         src = pyinspect.getsource(fn.fn)
-        products = re.findall(r"([\w\.\(\)]+)(?:\[:, None\])? \* (stride_\w+|D)\b", src)
+        products = re.findall(r"([\w\.\(\)]+)(?:\[:, None\]|\[None, :\])? \* (stride_\w+|D)\b", src)
         assert products, fn
         for lhs, _ in products:
             assert lhs.endswith(".to(tl.int64)"), (fn, lhs)
@@ -255,3 +255,47 @@ def test_norms_and_cast_in_one_read(normalize, D):
     Wb = W.to(torch.bfloat16)
     assert K.norms_and_cast(Wb, normalize, torch.bfloat16)[0] is Wb
     assert K.norms_and_cast(Wb, normalize, torch.float32)[0] is Wb
+
+
+TRANSPOSED = dict(BLOCK_B=64, BLOCK_M=128, TRANSPOSED=True)
+
+
+@pytest.mark.parametrize("B,M,D,splits", [(1, 1, 1, 1), (37, 1001, 129, 3), (70, 4099, 33, 7)])
+@pytest.mark.parametrize("regime", REGIMES)
+def test_fwd_transposed_tiles_match_reference(B, M, D, splits, regime):
+    """_fwd_cols (column-major tiles, an autotuner candidate) gives the row kernel's results."""
+    import triton
+
+    c = to_dev(make(B, M, D, torch.float32, regime, dup=True, ignored=True, empty=M > 1))
+    c["W"][min(3, M - 1)] = c["W"][0]  # equal columns: the smaller index
+    cfg = triton.Config(TRANSPOSED, num_warps=8, num_stages=1)
+    got = K.cos_lse_fwd_triton(c["x"], c["W"], c["row"], c["col"], 30.0, True, True, "highest",
+                               config=cfg, splits=splits)
+    want = cos_lse_fwd_ref(c["x"].double(), c["W"].double(), c["row"], c["col"], 30.0)
+    assert max_err(got[0], want[0], torch.isfinite(want[0])) <= 2e-5
+    assert torch.equal(torch.isinf(got[0]), torch.isinf(want[0]))
+    assert max_err(got[1], want[1], torch.isfinite(want[1])) <= 1e-6
+    assert torch.equal(got[2], want[2])
+    assert max_err(got[3], want[3]) <= 1e-5
+
+
+def test_fwd_transposed_tiles_rows_without_other_columns_and_bfloat16():
+    import triton
+
+    cfg = triton.Config(TRANSPOSED, num_warps=8, num_stages=1)
+    W = torch.randn(6, 8, device=DEV)
+    col = torch.tensor([4, 4, -1, 4, -1, 4], device=DEV)
+    x = torch.randn(3, 8, device=DEV)
+    lse, best, idx, direction, _ = K.cos_lse_fwd_triton(x, W, torch.tensor([4, 4, 9], device=DEV), col,
+                                                        16.0, True, True, "highest", config=cfg, splits=2)
+    assert torch.isinf(lse[:2]).all() and torch.isfinite(lse[2]) and idx[:2].tolist() == [-1, -1]
+    assert not torch.isnan(direction).any() and (direction[:2] == 0).all()
+    c = to_dev(make(19, 700, 40, torch.bfloat16, "dominated"))
+    rows = K.cos_lse_fwd_triton(c["x"], c["W"], c["row"], c["col"], 30.0, True, True, "default", splits=2)
+    cols = K.cos_lse_fwd_triton(c["x"], c["W"], c["row"], c["col"], 30.0, True, True, "default",
+                                config=cfg, splits=2)
+    want = cos_lse_fwd_ref(c["x"].double(), c["W"].double(), c["row"], c["col"], 30.0)
+    # P is rounded to bfloat16 against another running max: errors of the same size, not equal
+    for i in (0, 1, 3):
+        err_rows, err_cols = max_err(rows[i], want[i]), max_err(cols[i], want[i])
+        assert 0 < err_cols <= 2 * err_rows + 1e-6, (i, err_cols, err_rows)

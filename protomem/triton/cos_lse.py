@@ -45,9 +45,11 @@ MIN_SPLIT_COLS = 2048
 SMEM_BYTES = 220 * 1024  # sm_90: 227 KB per block, less Triton's own scratch
 ACC_REGS = 128  # float32 accumulator registers per thread we allow (of 255)
 
-# (BLOCK_B, BLOCK_M, num_warps, num_stages); the first surviving config is the interpreter's.
+# (BLOCK_B, BLOCK_M, num_warps, num_stages[, transposed]); the first surviving config is the
+# interpreter's. Transposed: _fwd_cols's column-major tiles (2 x D tensor MACs a logit at D = 512,
+# one stage there: the variant for the autotuner to weigh on a GPU).
 FWD_CONFIGS = ((64, 64, 8, 2), (64, 32, 8, 3), (128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 4, 2),
-               (128, 128, 8, 2), (64, 128, 8, 2))
+               (128, 128, 8, 2), (64, 128, 8, 2), (64, 128, 8, 1, True), (64, 128, 8, 2, True))
 # (BLOCK_M, BLOCK_B, num_warps, num_stages): bwd_w's programs own BLOCK_M columns, step BLOCK_B rows
 BWD_W_CONFIGS = ((64, 64, 8, 2), (64, 32, 8, 3), (128, 64, 8, 2), (64, 64, 4, 2), (64, 128, 8, 2),
                  (128, 128, 8, 2))
@@ -72,10 +74,12 @@ def _fwd_kernel(x_ptr, w_ptr, rw_ptr, dscale_ptr, rlab_ptr, clab_ptr,
                 m_ptr, l_ptr, best_ptr, idx_ptr, dir_ptr,
                 B, M, D, S, stride_x, stride_w, c1, KEY_B, KEY_M,
                 OP: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, TAU: tl.constexpr,
-                BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+                BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                TRANSPOSED: tl.constexpr):
     """Grid (row blocks, S slices). Writes the slice's partials: m [S, B] (the max the sums are
     relative to, log2 units), l [S, B], best [S, B] (max s*log2(e)*cos), idx [S, B] int64 (its
-    first column), dir [S, B, D] (sum_j 2^(t_j - m) * dscale * w_j / |w_j|)."""
+    first column), dir [S, B, D] (sum_j 2^(t_j - m) * dscale * w_j / |w_j|). The column loop
+    holds its tiles row-major (_fwd_rows) or, TRANSPOSED, column-major (_fwd_cols); same results."""
     split = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     dd = tl.arange(0, BLOCK_D)
@@ -88,20 +92,58 @@ def _fwd_kernel(x_ptr, w_ptr, rw_ptr, dscale_ptr, rlab_ptr, clab_ptr,
     per = tl.cdiv(tl.cdiv(M, BLOCK_M), S) * BLOCK_M
     lo = split * per
     hi = tl.minimum(lo + per, M)
+    if TRANSPOSED:
+        m, l, best, bidx, acc_t = _fwd_cols(xo, rlab, w_ptr, rw_ptr, clab_ptr, dscale, lo, hi, D,
+                                            stride_w, c1, OP, DOT_PREC, UPCAST, TAU, BLOCK_B,
+                                            BLOCK_M, BLOCK_D)
+        acc = tl.trans(acc_t)
+    else:
+        m, l, best, bidx, acc = _fwd_rows(xo, rlab, w_ptr, rw_ptr, clab_ptr, dscale, lo, hi, D,
+                                          stride_w, c1, OP, DOT_PREC, UPCAST, TAU, BLOCK_B,
+                                          BLOCK_M, BLOCK_D)
+    at = split * B + rows
+    tl.store(m_ptr + at, m, mask=rmask)
+    tl.store(l_ptr + at, l, mask=rmask)
+    tl.store(best_ptr + at, best, mask=rmask)
+    tl.store(idx_ptr + at, bidx.to(tl.int64), mask=rmask)
+    tl.store(dir_ptr + at.to(tl.int64)[:, None] * D + dd[None, :], acc,
+             mask=rmask[:, None] & (dd[None, :] < D))
 
-    m = tl.full((BLOCK_B,), float("-inf"), tl.float32)
-    l = tl.zeros((BLOCK_B,), tl.float32)
-    best = tl.full((BLOCK_B,), float("-inf"), tl.float32)
-    bidx = tl.full((BLOCK_B,), -1, tl.int32)
+
+@triton.jit
+def _row_stats(BLOCK_B: tl.constexpr):
+    """The running statistics of BLOCK_B rows before any column: (max, sum, best, its index)."""
+    return (tl.full((BLOCK_B,), float("-inf"), tl.float32), tl.zeros((BLOCK_B,), tl.float32),
+            tl.full((BLOCK_B,), float("-inf"), tl.float32), tl.full((BLOCK_B,), -1, tl.int32))
+
+
+@triton.jit
+def _column_tile(w_ptr, rw_ptr, clab_ptr, j0, hi, D, stride_w, OP: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """(columns [BLOCK_M], W tile [BLOCK_M, BLOCK_D] in OP, their label keys, 1/|W_j|) of the
+    tile at j0; columns past hi read as empty (key -2, zero)."""
+    cols = j0 + tl.arange(0, BLOCK_M)
+    dd = tl.arange(0, BLOCK_D)
+    cmask = cols < hi
+    w = tl.load(w_ptr + cols.to(tl.int64)[:, None] * stride_w + dd[None, :],
+                mask=cmask[:, None] & (dd[None, :] < D), other=0.0)
+    clab = tl.load(clab_ptr + cols, mask=cmask, other=-2)
+    rw = tl.load(rw_ptr + cols, mask=cmask, other=0.0)
+    return cols, w.to(OP), clab, rw
+
+
+@triton.jit
+def _fwd_rows(xo, rlab, w_ptr, rw_ptr, clab_ptr, dscale, lo, hi, D, stride_w, c1,
+              OP: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, TAU: tl.constexpr,
+              BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The column loop over [BLOCK_B, BLOCK_M] tiles, rows owning the reductions (FlashAttention's
+    layout): (m, l, best, index, direction [BLOCK_B, BLOCK_D]). At 64 rows on 8 warps Triton 3.6
+    has both warpgroups compute the whole cosine tile (3 x D tensor MACs a logit)."""
+    m, l, best, bidx = _row_stats(BLOCK_B)
     acc = tl.zeros((BLOCK_B, BLOCK_D), tl.float32)
     for j0 in range(lo, hi, BLOCK_M):
-        cols = j0 + tl.arange(0, BLOCK_M)
-        cmask = cols < hi
-        w = tl.load(w_ptr + cols.to(tl.int64)[:, None] * stride_w + dd[None, :],
-                    mask=cmask[:, None] & (dd[None, :] < D), other=0.0)
-        wo = w.to(OP)
-        clab = tl.load(clab_ptr + cols, mask=cmask, other=-2)
-        rw = tl.load(rw_ptr + cols, mask=cmask, other=0.0)
+        cols, wo, clab, rw = _column_tile(w_ptr, rw_ptr, clab_ptr, j0, hi, D, stride_w, OP,
+                                          BLOCK_M, BLOCK_D)
         live = clab >= -1
         rwc = tl.where(live, rw * c1, 0.0)
         bias = tl.where(live, 0.0, float("-inf"))
@@ -124,14 +166,39 @@ def _fwd_kernel(x_ptr, w_ptr, rw_ptr, dscale_ptr, rlab_ptr, clab_ptr,
         p = tl.exp2(t - tl.where(m == float("-inf"), 0.0, m)[:, None])
         l += tl.sum(p, 1)
         acc = _mma((p * (rw * dscale)[None, :]).to(OP), wo, acc, DOT_PREC, UPCAST)
+    return m, l, best, bidx, acc
 
-    at = split * B + rows
-    tl.store(m_ptr + at, m, mask=rmask)
-    tl.store(l_ptr + at, l, mask=rmask)
-    tl.store(best_ptr + at, best, mask=rmask)
-    tl.store(idx_ptr + at, bidx.to(tl.int64), mask=rmask)
-    tl.store(dir_ptr + at.to(tl.int64)[:, None] * D + dd[None, :], acc,
-             mask=rmask[:, None] & (dd[None, :] < D))
+
+@triton.jit
+def _fwd_cols(xo, rlab, w_ptr, rw_ptr, clab_ptr, dscale, lo, hi, D, stride_w, c1,
+              OP: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, TAU: tl.constexpr,
+              BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """_fwd_rows with transposed [BLOCK_M, BLOCK_B] tiles: cos^T = W x_hat^T, direction^T +=
+    W^T P^T, returned as [BLOCK_D, BLOCK_B]. With 128 columns on 8 warps each warpgroup
+    computes its own 64 columns: 2 x D tensor MACs a logit; the row statistics become
+    reductions over the warps."""
+    xt = tl.trans(xo)
+    m, l, best, bidx = _row_stats(BLOCK_B)
+    acc = tl.zeros((BLOCK_D, BLOCK_B), tl.float32)
+    for j0 in range(lo, hi, BLOCK_M):
+        cols, wo, clab, rw = _column_tile(w_ptr, rw_ptr, clab_ptr, j0, hi, D, stride_w, OP,
+                                          BLOCK_M, BLOCK_D)
+        dots = _mma(wo, xt, tl.zeros((BLOCK_M, BLOCK_B), tl.float32), DOT_PREC, UPCAST)
+        t = dots * (rw * c1)[:, None]
+        t = tl.where((clab[:, None] == rlab[None, :]) | (clab[:, None] < -1), float("-inf"), t)
+        tmax = tl.max(t, 0)
+        better = tmax > best
+        if tl.max(better.to(tl.int32), 0) > 0:
+            bidx = tl.where(better, tl.min(tl.where(t == tmax[None, :], cols[:, None], 2147483647), 0), bidx)
+            best = tl.maximum(best, tmax)
+        if tl.max(tl.where(tmax > m, tmax - m, 0.0), 0) > TAU:
+            m_new = tl.maximum(m, tmax)
+            alpha = tl.where(m_new == m, 1.0, tl.exp2(m - m_new))
+            acc, l, m = acc * alpha[None, :], l * alpha, m_new
+        p = tl.exp2(t - tl.where(m == float("-inf"), 0.0, m)[None, :])
+        l += tl.sum(p, 0)
+        acc = _mma(tl.trans(wo), (p * (rw * dscale)[:, None]).to(OP), acc, DOT_PREC, UPCAST)
+    return m, l, best, bidx, acc
 
 
 @triton.jit(do_not_specialize=["KEY_B", "KEY_M"])
@@ -230,10 +297,12 @@ def _configs(kind, block_d, op_bytes, w_bytes):
     """triton.Configs of FWD_CONFIGS / BWD_W_CONFIGS that fit the D block (at least the smallest)."""
     rows = FWD_CONFIGS if kind == "fwd" else BWD_W_CONFIGS
     names = ("BLOCK_B", "BLOCK_M") if kind == "fwd" else ("BLOCK_M", "BLOCK_B")
-    kept = [r for r in rows if fits(*r, block_d, op_bytes, w_bytes)]
+    kept = [r for r in rows if fits(*r[:4], block_d, op_bytes, w_bytes)]
     if not kept:  # a very wide D: the smallest tile, more registers than we like
         kept = [min(rows, key=lambda r: r[0] * r[1])]
-    return [triton.Config(dict(zip(names, r[:2])), num_warps=r[2], num_stages=r[3]) for r in kept]
+    extra = (lambda r: dict(TRANSPOSED=r[4] if len(r) > 4 else False)) if kind == "fwd" else (lambda r: {})
+    return [triton.Config(dict(zip(names, r[:2])) | extra(r), num_warps=r[2], num_stages=r[3])
+            for r in kept]
 
 
 _CHOSEN = {}
@@ -466,9 +535,11 @@ def inspect_cases(B, M, D, dtype, precision="default"):
     for cfg in _configs("fwd", block_d, op.itemsize, w_fwd.itemsize):
         c = cfg.kwargs
         cases.append(InspectCase(
-            name=f"cos_lse_fwd[{c['BLOCK_B']}x{c['BLOCK_M']}x{block_d} w{cfg.num_warps} s{cfg.num_stages}]",
+            name=f"cos_lse_fwd{'T' if c['TRANSPOSED'] else ''}[{c['BLOCK_B']}x{c['BLOCK_M']}x{block_d} "
+                 f"w{cfg.num_warps} s{cfg.num_stages}]",
             fn=_fwd_kernel, signature=fwd_sig,
-            constexprs=dict(dots, TAU=TAU, BLOCK_B=c["BLOCK_B"], BLOCK_M=c["BLOCK_M"], BLOCK_D=block_d),
+            constexprs=dict(dots, TAU=TAU, BLOCK_B=c["BLOCK_B"], BLOCK_M=c["BLOCK_M"], BLOCK_D=block_d,
+                            TRANSPOSED=c["TRANSPOSED"]),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             logits_per_iteration=c["BLOCK_B"] * c["BLOCK_M"], notes=f"{dtype}->{op}",
             divisible_by_16=div16))
