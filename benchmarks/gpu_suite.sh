@@ -9,8 +9,9 @@
 # Everything must fit in 10 minutes (SUITE_BUDGET_S, default 570 s): each step runs under the time
 # left, and the benchmarks save their rows group by group, so a run cut short keeps what it
 # measured. Estimate on one H100 (not yet measured): build 1.5-2 min (MAX_JOBS=16), CUDA/Triton
-# tests 1-1.5 min, sanitizer 1-1.5 min, micro benches 2-2.5 min (the margin CE's torch.compile
-# provider compiles twice), scale 2-2.5 min (17 processes of ~5 s start-up each; full softmax at
+# tests 1-1.5 min, sanitizer 1-1.5 min, micro benches 2.5-3.5 min (the margin CE's torch.compile
+# provider compiles twice; the forward autotunes over the row and column-tile kernels;
+# bench_mining trains two heads with and without mining, ~420 steps each), scale 2-2.5 min (17 processes of ~5 s start-up each; full softmax at
 # C = 1e7 about 10 s; C = 1e8 ends at the first allocation), accuracy what is left.
 set -uo pipefail
 out=${1:?usage: gpu_suite.sh OUT_DIR}
