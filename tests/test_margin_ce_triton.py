@@ -279,7 +279,8 @@ def test_fwd_transposed_tiles_match_reference(B, M, D, splits, regime):
     assert max_err(got[3], want[3]) <= 1e-5
 
 
-def test_fwd_transposed_tiles_rows_without_other_columns_and_bfloat16():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_fwd_transposed_tiles_rows_without_other_columns_and_16_bit(dtype):
     import triton
 
     cfg = triton.Config(TRANSPOSED, num_warps=8, num_stages=1)
@@ -290,7 +291,7 @@ def test_fwd_transposed_tiles_rows_without_other_columns_and_bfloat16():
                                                         16.0, True, True, "highest", config=cfg, splits=2)
     assert torch.isinf(lse[:2]).all() and torch.isfinite(lse[2]) and idx[:2].tolist() == [-1, -1]
     assert not torch.isnan(direction).any() and (direction[:2] == 0).all()
-    c = to_dev(make(19, 700, 40, torch.bfloat16, "dominated"))
+    c = to_dev(make(19, 700, 40, dtype, "dominated"))
     rows = K.cos_lse_fwd_triton(c["x"], c["W"], c["row"], c["col"], 30.0, True, True, "default", splits=2)
     cols = K.cos_lse_fwd_triton(c["x"], c["W"], c["row"], c["col"], 30.0, True, True, "default",
                                 config=cfg, splits=2)

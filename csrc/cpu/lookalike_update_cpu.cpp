@@ -6,7 +6,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <limits>
 #include <numeric>
 #include <vector>
 
@@ -64,9 +63,9 @@ void lookalike_update_cpu(at::Tensor others, at::Tensor scores, const at::Tensor
   }
   if (pairs.empty()) return;
   // group by (a, b), keeping the order of appearance within a group: the sums add in that order
-  std::vector<int32_t> order(pairs.size());
-  std::iota(order.begin(), order.end(), 0);
-  std::stable_sort(order.begin(), order.end(), [&](int32_t i, int32_t j) {
+  std::vector<size_t> order(pairs.size());
+  std::iota(order.begin(), order.end(), size_t{0});
+  std::stable_sort(order.begin(), order.end(), [&](size_t i, size_t j) {
     return pairs[i].a != pairs[j].a ? pairs[i].a < pairs[j].a : pairs[i].b < pairs[j].b;
   });
   int32_t* O = others.data_ptr<int32_t>();

@@ -71,10 +71,7 @@ class DoppelgangerLists:
     def update_packed(self, packed):
         """Update from ``protomem.mining.pack_pairs`` output (a device tensor: one transfer)."""
         packed = packed.detach().cpu()
-        self.updates += 1
-        lookalike_update_(torch.from_numpy(self.others), torch.from_numpy(self.scores), packed[:, 0],
-                          packed[:, 1], packed[:, 2].to(torch.int32).view(torch.float32), self.decay,
-                          self.symmetric)
+        self._apply(packed[:, 0], packed[:, 1], packed[:, 2].to(torch.int32).view(torch.float32))
 
     def update(self, rows, others, cos):
         """Adds pairs (row class, closest other class, cosine): arrays or tensors [n].
@@ -88,6 +85,10 @@ class DoppelgangerLists:
         if not rows.shape == others.shape == cos.shape:
             raise ValueError(f"rows, others and cos must have one length, got {tuple(rows.shape)}, "
                              f"{tuple(others.shape)}, {tuple(cos.shape)}")
+        self._apply(rows, others, cos)
+
+    def _apply(self, rows, others, cos):
+        """One update: int64 / int64 / float32 CPU tensors [n] into the lists, in place."""
         self.updates += 1
         lookalike_update_(torch.from_numpy(self.others), torch.from_numpy(self.scores), rows, others,
                           cos, self.decay, self.symmetric)
