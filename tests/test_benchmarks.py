@@ -239,8 +239,11 @@ def test_quick_mining_runs_on_cpu(tmp_path):
     assert got["ms_per_step", "none"] > 0 and got["ms_per_step", "doppelganger"] > 0
     assert got["ratio", None] > 0 and got["lists_update", None] > 0 and got["mined_batch", None] > 0
     out = tmp_path / "recovery.md"
-    assert mining_recovery.main(["--runs", "pm:0.1:0.3", "--num-classes", "2000", "--out", str(out)]) == 0
+    assert mining_recovery.main(["--runs", "full:0.3:0.3:0.25", "--num-classes", "2000", "--out", str(out)]) == 0
     table = out.read_text().splitlines()
-    assert table[0].startswith("| head | epochs | spread | precision") and table[2].startswith("| pm | 0.1 | 0.3 |")
-    values = [float(v) for v in table[2].strip("| ").split(" | ")[3:7]]
-    assert all(0.0 <= v <= 1.0 for v in values) and values[2] > 0  # the encoder finds some twins
+    assert table[0].startswith("| head | epochs | spread | fraction | precision")
+    assert table[2].startswith("| full | 0.3 | 0.3 | 0.25 |")
+    precision, recall, vote_bound, mean_oracle, sample_oracle = map(float, table[2].strip("| ").split(" | ")[4:9])
+    assert all(0.0 <= v <= 1.0 for v in (precision, recall, vote_bound, mean_oracle, sample_oracle))
+    assert mean_oracle > 0  # the encoder finds some twins
+    assert 0 < recall <= vote_bound  # a listed twin came from a pair that named it
