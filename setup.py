@@ -3,6 +3,11 @@
 CUDA is wanted when FORCE_CUDA=1, a GPU is visible, or TORCH_CUDA_ARCH_LIST is set;
 FORCE_ONLY_CPU=1 turns it off. Sources are found by the globs in SOURCE_GLOBS, which
 CMakeLists.txt reads too, so there is one list for both builds.
+
+The C++ kernels are compiled with OpenMP when torch's own parallel backend is OpenMP (as in the
+Linux wheels): ATen's ``at::parallel_for`` is a header that only runs in parallel under
+``_OPENMP``, so without the flag every CPU kernel of this extension would run on one thread.
+PROTOMEM_OPENMP=0 builds without it.
 """
 import glob
 import os
@@ -63,6 +68,17 @@ def want_cuda():
     return True
 
 
+def openmp_flags():
+    """The compile flags for OpenMP, [] unless torch's parallel backend is OpenMP on a compiler
+    that takes -fopenmp (not macOS's clang) and PROTOMEM_OPENMP is not 0."""
+    if os.environ.get("PROTOMEM_OPENMP", "1").lower() in ("0", "false", "no", "off"):
+        return []
+    info = torch.__config__.parallel_info()
+    if "OpenMP" not in info or "OpenMP not found" in info or sys.platform in ("darwin", "win32"):
+        return []
+    return ["-fopenmp"]
+
+
 def sources(kind):
     return sorted(f for g in SOURCE_GLOBS[kind] for f in glob.glob(os.path.join(ROOT, g)))
 
@@ -76,14 +92,17 @@ def extension():
     with_cuda = want_cuda()
     srcs = [os.path.relpath(f, ROOT) for f in sources("cpp") + (sources("cuda") if with_cuda else [])]
     macros = [("PROTOMEM_VERSION", f'"{version()}"')]
-    cxx = ["-O3"]
+    omp = openmp_flags()
+    cxx = ["-O3"] + omp
     extra = {"cxx": cxx}
     if with_cuda:
         arch = os.environ.get("TORCH_CUDA_ARCH_LIST", "visible GPUs")
         macros += [("WITH_CUDA", None), ("PROTOMEM_CUDA_ARCH_LIST", f'"{arch}"')]
         extra["nvcc"] = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
-        return CUDAExtension("protomem._C", srcs, define_macros=macros, extra_compile_args=extra)
-    return CppExtension("protomem._C", srcs, define_macros=macros, extra_compile_args=extra)
+        return CUDAExtension("protomem._C", srcs, define_macros=macros, extra_compile_args=extra,
+                             extra_link_args=omp)
+    return CppExtension("protomem._C", srcs, define_macros=macros, extra_compile_args=extra,
+                        extra_link_args=omp)
 
 
 class Build(BuildExtension):

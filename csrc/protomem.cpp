@@ -38,6 +38,11 @@ py::dict build_info() {
   info["cuda_version"] = py::none();
   info["cuda_arch_list"] = py::none();
 #endif
+#ifdef _OPENMP
+  info["openmp"] = true;  // at::parallel_for in the C++ kernels runs on ATen's threads
+#else
+  info["openmp"] = false;  // ... on the calling thread only
+#endif
   return info;
 }
 
@@ -46,7 +51,8 @@ py::dict build_info() {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "protomem compiled kernels; the ops live in torch.ops.protomem";
   m.def("build_info", &build_info,
-        "dict: version, torch_version (built against), with_cuda, cuda_version, cuda_arch_list");
+        "dict: version, torch_version (built against), with_cuda, cuda_version, cuda_arch_list, "
+        "openmp");
 }
 
 TORCH_LIBRARY(protomem, m) {

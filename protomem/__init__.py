@@ -29,7 +29,8 @@ def build_info():
 
     Returns:
         dict with ``version``, ``torch_version`` (the torch it was compiled against), ``with_cuda``
-        (bool), ``cuda_version`` and ``cuda_arch_list`` (None without CUDA).
+        (bool), ``cuda_version`` and ``cuda_arch_list`` (None without CUDA), ``openmp`` (bool:
+        the C++ kernels' ``at::parallel_for`` runs on ATen's threads).
     """
     return dict(_C.build_info())
 

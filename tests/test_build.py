@@ -1,6 +1,7 @@
 """The build: extension info, the CUDA expectation switch, and the not-built error."""
 import importlib
 import os
+import sys
 
 import pytest
 import torch
@@ -18,6 +19,17 @@ def test_build_info_fields():
         assert info["cuda_version"] and info["cuda_arch_list"]
     else:
         assert info["cuda_version"] is None
+    assert isinstance(info["openmp"], bool)
+
+
+@pytest.mark.skipif(os.environ.get("PROTOMEM_OPENMP", "1") == "0", reason="built with PROTOMEM_OPENMP=0")
+def test_cpu_kernels_are_parallel_where_torch_uses_openmp():
+    """at::parallel_for is a header that runs in parallel only under _OPENMP: the build must pass
+    -fopenmp wherever torch's own backend is OpenMP, or every CPU kernel runs on one thread."""
+    info = torch.__config__.parallel_info()
+    if "OpenMP" not in info or "OpenMP not found" in info or sys.platform in ("darwin", "win32"):
+        pytest.skip("torch's parallel backend is not OpenMP here")
+    assert protomem.build_info()["openmp"]
 
 
 @pytest.mark.skipif(os.environ.get("PROTOMEM_EXPECT_CUDA") != "1", reason="PROTOMEM_EXPECT_CUDA!=1")

@@ -300,6 +300,30 @@ def test_forward_is_deterministic(monkeypatch):
             assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("split", ["1", "0"])
+def test_worker_threads_run_with_the_callers_state(monkeypatch, split):
+    """The blocks' GEMMs run on ATen's worker threads (an OpenMP build): with inputs that require
+    grad they must see the caller's dispatch state, not a worker's default grad mode (which sent
+    them to autograd: "functions with out=... arguments don't support automatic
+    differentiation"); the results match one thread's to rounding."""
+    monkeypatch.setenv("PROTOMEM_COS_LSE_BLOCK", "64")
+    monkeypatch.setenv("PROTOMEM_COS_LSE_SPLIT", split)
+    case = make(70, 1001, 33, F32, regime="near")
+    x, W = case["x"].clone().requires_grad_(), case["W"].clone().requires_grad_()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = torch.ops.protomem.cos_lse_fwd(x, W, case["row"], case["col"], SCALE, True, True, "highest")
+        torch.set_num_threads(max(threads, 4))
+        many = torch.ops.protomem.cos_lse_fwd(x, W, case["row"], case["col"], SCALE, True, True, "highest")
+        many[0].sum().backward()  # cos_lse_bwd_w on the worker threads too
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(many, one):
+        torch.testing.assert_close(a.detach(), b.detach(), atol=1e-5, rtol=1e-5)
+    assert x.grad is not None and torch.isfinite(x.grad).all() and torch.isfinite(W.grad).all()
+
+
 def test_precision_highest_is_default_on_cpu():
     case = make(37, 1001, 32, F32)
     for a, b in zip(fwd(case, precision="highest"), fwd(case)):

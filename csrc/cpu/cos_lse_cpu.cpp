@@ -6,6 +6,7 @@
 // direction += P @ W_b (forward) or H = gamma^T @ x_hat written into grad_W (backward).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -28,6 +29,18 @@ using cos_lse::Block;
 using cos_lse::FwdState;
 using cos_lse::Kernels;
 using cos_lse::SameLabel;
+
+// at::parallel_for whose workers run with the caller's thread-local state: the blocks call ATen
+// ops (GEMMs, copies) and OpenMP's worker threads would otherwise see the defaults (grad mode on,
+// no dispatch keys excluded), so an input that requires grad would reach autograd's kernels.
+template <typename Fn>
+void parallel_for_tls(int64_t begin, int64_t end, int64_t grain, const Fn& fn) {
+  const at::ThreadLocalState state;
+  at::parallel_for(begin, end, grain, [&](int64_t a, int64_t b) {
+    at::ThreadLocalStateGuard guard(state);
+    fn(a, b);
+  });
+}
 
 constexpr double kEps = 1e-12;
 // One block of dot products (C columns x B rows): about one core's L2, so that the fused pass
@@ -121,7 +134,7 @@ struct Pass {
     };
     if (!parallel) return chunk(0, units);
     const int64_t nt = at::get_num_threads();
-    at::parallel_for(0, units, std::max<int64_t>(1, (units + nt - 1) / nt), chunk);
+    parallel_for_tls(0, units, std::max<int64_t>(1, (units + nt - 1) / nt), chunk);
   }
 
   // fn(a, b) over the c columns of a block (one chunk per thread when parallel).
@@ -129,7 +142,7 @@ struct Pass {
   static void over_columns(bool parallel, int64_t c, const Fn& fn) {
     if (!parallel) return fn(0, c);
     const int64_t nt = at::get_num_threads();
-    at::parallel_for(0, c, std::max<int64_t>(64, (c + nt - 1) / nt), fn);
+    parallel_for_tls(0, c, std::max<int64_t>(64, (c + nt - 1) / nt), fn);
   }
 
   // Split: the blocks are cut into parts() runs of consecutive blocks; each thread takes the
@@ -152,7 +165,7 @@ struct Pass {
     };
     if (!split) return run(0, 0, true);
     std::atomic<int64_t> next{0};
-    at::parallel_for(0, workers(), 1, [&](int64_t w0, int64_t w1) {
+    parallel_for_tls(0, workers(), 1, [&](int64_t w0, int64_t w1) {
       for (int64_t w = w0; w < w1; ++w) {
         for (int64_t part = next++; part < n; part = next++) run(w, part, false);
       }
