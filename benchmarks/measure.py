@@ -71,6 +71,15 @@ def _proc_status_kb(key):
         return int(re.search(rf"^{key}:\s+(\d+)", f.read(), re.M).group(1))
 
 
+def _malloc_trim():
+    """Returns the free memory of every glibc malloc arena to the system (best effort), so that a
+    block freed before a measurement and reused during it counts as new resident memory."""
+    try:
+        return bool(ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0))
+    except (OSError, AttributeError, TypeError):
+        return False
+
+
 def _mmap_threshold(nbytes):
     """Sets glibc malloc's M_MMAP_THRESHOLD (best effort; False where there is no glibc)."""
     try:
@@ -97,6 +106,9 @@ class PeakMemory:
         # heap, resident, and the RSS peak depends on history: while measuring, every block from
         # 64 KiB up is mapped on its own and returned to the system when freed.
         _mmap_threshold(64 << 10)
+        # the worker threads' arenas keep the blocks of the warm-up: without a trim they are
+        # reused in place and a kernel's per-thread buffers would not show
+        _malloc_trim()
         try:  # "5" resets VmHWM to the current RSS (Linux >= 4.0)
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")
